@@ -1,0 +1,34 @@
+"""Server settings: one dataclass, filled from flags and environment by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from waystation.store.database import sqlite_url
+
+DEFAULT_LISTEN = "127.0.0.1:9701"
+DEFAULT_ADDRESS = DEFAULT_LISTEN
+# gRPC's default receive limit, stated so that it is one setting everywhere.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("waystation", appauthor=False))
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = field(default_factory=default_data_dir)
+    # SQLite in the data directory when unset.
+    db_url: str | None = None
+    fsync: bool = True
+    # Seconds that in-flight RPCs get to finish at shutdown.
+    shutdown_grace: float = 10.0
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or sqlite_url(self.data_dir / "waystation.db")

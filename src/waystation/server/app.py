@@ -1,0 +1,83 @@
+"""The server process: one grpc.aio server carrying every service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # health.aio, spelled for mypy
+from grpc_reflection.v1alpha import reflection
+
+import waystation
+from waystation.config import MAX_MESSAGE_BYTES, ServerSettings
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
+from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
+from waystation.server import admin, provisionerd, vagrant
+from waystation.store import Store
+
+log = logging.getLogger(__name__)
+
+SERVICES = (vagrant.SERVICE, provisionerd.SERVICE, admin.SERVICE)
+
+
+@dataclass
+class RunningServer:
+    server: aio.Server
+    store: Store
+    health: HealthServicer
+    address: str
+
+    async def stop(self, grace: float) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.store.close()  # drains the write queue: in-flight writes finish
+
+
+async def start(settings: ServerSettings) -> RunningServer:
+    store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    vs_grpc.add_VagrantServicer_to_server(vagrant.VagrantService(store), server)
+    pd_grpc.add_ProvisionerDaemonServicer_to_server(provisionerd.ProvisionerDaemonService(), server)
+    admin_grpc.add_AdminServicer_to_server(admin.AdminService(store), server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        await store.close()
+        raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
+    host = settings.listen.rsplit(":", 1)[0]
+    await server.start()
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{host}:{port}"
+    log.info("waystation %s listening on %s", waystation.__version__, address)
+    return RunningServer(server, store, health_servicer, address)
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace)
+    log.info("stopped")

@@ -1,0 +1,35 @@
+"""The `hashicorp.vagrant.Vagrant` service, assembled from its RPC groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from grpc import aio
+
+import waystation
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.server.unimplemented import fill_unimplemented
+from waystation.server.vagrant_state import StateRPCs
+from waystation.store import Store
+
+SERVICE = "hashicorp.vagrant.Vagrant"
+
+# Protocol versions we speak (upstream: api and entrypoint both at 1).
+API_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
+ENTRYPOINT_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
+
+
+class VagrantService(StateRPCs, vs_grpc.VagrantServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        fill_unimplemented(self, vs_grpc.VagrantServicer, SERVICE)
+
+    async def GetVersionInfo(
+        self, request: Empty, context: aio.ServicerContext[Any, Any]
+    ) -> vs.GetVersionInfoResponse:
+        info = vs.VersionInfo(
+            api=API_VERSION, entrypoint=ENTRYPOINT_VERSION, version=waystation.__version__
+        )
+        return vs.GetVersionInfoResponse(info=info)

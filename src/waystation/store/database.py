@@ -1,0 +1,260 @@
+"""How the store reaches the database: engines, migrations, and transactions.
+
+Every transaction is a plain synchronous function `fn(conn, *args)` that runs
+whole on a database thread, so a transaction costs one hop from the event loop
+however many statements it issues (awaiting each statement through an async
+driver costs about ten times more on SQLite).
+
+Writes go to writer threads that take whatever transactions are waiting and
+commit them together (group commit): one fsync serves many RPCs, and each
+transaction still runs inside its own SAVEPOINT, so one that fails rolls back
+alone. Every write has committed before its awaitable returns: persist, then
+acknowledge.
+
+SQLite gets one writer (it allows no more) and WAL mode, so readers on other
+threads never wait for it. PostgreSQL gets several writers; rows that two
+replicas may contend for are locked by the transactions themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from waystation.errors import WaystationError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+TxFn = Callable[Concatenate[Connection, P], T]
+
+# How many waiting transactions one commit may carry.
+MAX_BATCH = 128
+
+
+@dataclass
+class _Work:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def normalize_url(url: str) -> str:
+    """Accept the URLs people type: `postgresql://` means psycopg 3."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+class Database:
+    """Engines plus the threads that run transactions on them."""
+
+    def __init__(self, url: str, *, fsync: bool = True, readers: int = 4) -> None:
+        self.url = normalize_url(url)
+        self.dialect = sa.make_url(self.url).get_backend_name()
+        self.fsync = fsync
+        if self.dialect == "sqlite":
+            self._write_engine = self._sqlite_engine(immediate=True)
+            self._read_engine = self._sqlite_engine(immediate=False)
+            writers = 1
+        elif self.dialect == "postgresql":
+            writers = 4
+            self._write_engine = sa.create_engine(
+                self.url, pool_size=writers + readers, max_overflow=4, pool_pre_ping=True
+            )
+            self._read_engine = self._write_engine
+            if not fsync:
+                event.listen(self._write_engine, "connect", _pg_async_commit)
+        else:
+            raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+        self._queue: queue.SimpleQueue[_Work | object] = queue.SimpleQueue()
+        self._writers = [
+            threading.Thread(target=self._writer_loop, name=f"db-writer-{i}", daemon=True)
+            for i in range(writers)
+        ]
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="db-reader")
+        self._closed = False
+
+    def _sqlite_engine(self, *, immediate: bool) -> Engine:
+        # NullPool for the writer: it holds its one connection for its lifetime.
+        engine = sa.create_engine(
+            self.url,
+            poolclass=NullPool if immediate else None,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+        synchronous = "FULL" if self.fsync else "NORMAL"
+
+        def on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control away from pysqlite so that BEGIN and
+            # SAVEPOINT are ours (SQLAlchemy's documented recipe).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        def on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock up front: no upgrade deadlocks.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "begin", on_begin)
+        return engine
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        for thread in self._writers:
+            thread.start()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._writers:
+            self._queue.put(_STOP)
+        loop = asyncio.get_running_loop()
+        for thread in self._writers:
+            if thread.is_alive():
+                await loop.run_in_executor(None, thread.join)
+        self._readers.shutdown(wait=True)
+        self._write_engine.dispose()
+        self._read_engine.dispose()
+
+    def run_sync(self, fn: Callable[[Connection], T]) -> T:
+        """Run one transaction on the calling thread (start-up work only)."""
+        with self._write_engine.connect() as conn, conn.begin():
+            return fn(conn)
+
+    # -- transactions ------------------------------------------------------
+
+    async def write(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(conn, *args)` in a write transaction; return after commit."""
+        if self._closed:
+            raise RuntimeError("database is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Work(fn, args, kwargs, future, loop))
+        return await future
+
+    async def read(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(conn, *args)` in a read-only snapshot on a reader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._readers, functools.partial(self._read_sync, fn, *args, **kwargs)
+        )
+
+    def _read_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self._read_engine.connect() as conn, conn.begin():
+            return fn(conn, *args, **kwargs)
+
+    def _writer_loop(self) -> None:
+        conn = self._write_engine.connect()
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        self._queue.put(_STOP)  # finish this batch, then stop
+                        break
+                    batch.append(item)
+                conn = self._commit_batch(conn, [w for w in batch if isinstance(w, _Work)])
+        finally:
+            conn.close()
+
+    def _commit_batch(self, conn: Connection, batch: list[_Work]) -> Connection:
+        outcomes: list[tuple[_Work, Any, BaseException | None]] = []
+        try:
+            with conn.begin():
+                for work in batch:
+                    outcomes.append(_run_in_savepoint(conn, work))
+        except Exception as exc:  # the commit itself failed: retry one by one
+            log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
+            conn = _reconnect(conn)
+            outcomes = []
+            for work in batch:
+                try:
+                    with conn.begin():
+                        outcome = _run_in_savepoint(conn, work)
+                except Exception as single_exc:
+                    outcome = (work, None, single_exc)
+                    conn = _reconnect(conn)
+                outcomes.append(outcome)
+        for work, result, error in outcomes:
+            work.loop.call_soon_threadsafe(_settle, work.future, result, error)
+        return conn
+
+
+def _run_in_savepoint(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
+    savepoint = conn.begin_nested()
+    try:
+        result = work.fn(conn, *work.args, **work.kwargs)
+    except Exception as exc:
+        savepoint.rollback()
+        if not isinstance(exc, WaystationError):
+            log.exception("transaction %s failed", getattr(work.fn, "__name__", work.fn))
+        return work, None, exc
+    savepoint.commit()
+    return work, result, None
+
+
+def _reconnect(conn: Connection) -> Connection:
+    if not conn.invalidated and not conn.closed:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            return conn
+        except Exception:
+            log.exception("connection unusable; reconnecting")
+    engine = conn.engine
+    conn.close()
+    return engine.connect()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _pg_async_commit(dbapi_conn: Any, _record: Any) -> None:
+    # fsync off on PostgreSQL: commits return before the WAL reaches disk.
+    with dbapi_conn.cursor() as cur:
+        cur.execute("SET synchronous_commit = off")
+    dbapi_conn.commit()

@@ -1,0 +1,64 @@
+"""Checks on values that come from the network, with precise messages.
+
+Missing required values are FailedPrecondition (upstream's mapping of
+validation errors); present but malformed values are InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import re
+
+from waystation.errors import FailedPrecondition, InvalidArgument
+
+MAX_NAME = 255
+MAX_PATH = 4096
+MAX_ID = 128
+# A stored record (its serialized message) may not be larger than this; gRPC
+# already refuses requests over 4 MiB.
+MAX_RECORD = 1024 * 1024
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def required(kind: str, field: str, value: str) -> str:
+    if not value:
+        raise FailedPrecondition(f"{kind} {field} is required")
+    return value
+
+
+def name(kind: str, value: str, field: str = "name") -> str:
+    required(kind, field, value)
+    _bounded(kind, field, value, MAX_NAME)
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{kind} {field} contains control characters")
+    if value != value.strip():
+        raise InvalidArgument(f"{kind} {field} has leading or trailing whitespace")
+    return value
+
+
+def path(kind: str, value: str, field: str = "path") -> str:
+    required(kind, field, value)
+    _bounded(kind, field, value, MAX_PATH)
+    if "\x00" in value:
+        raise InvalidArgument(f"{kind} {field} contains a NUL byte")
+    return value
+
+
+def resource_id(kind: str, value: str, field: str = "resource_id") -> str:
+    """An id a client sends back to us: bounded, printable, no spaces."""
+    _bounded(kind, field, value, MAX_ID)
+    if value and (_CONTROL.search(value) or " " in value):
+        raise InvalidArgument(f"{kind} {field} contains spaces or control characters")
+    return value
+
+
+def record_size(kind: str, size: int) -> None:
+    if size > MAX_RECORD:
+        raise InvalidArgument(f"{kind} is too large: {size} bytes, at most {MAX_RECORD}")
+
+
+def _bounded(kind: str, field: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{kind} {field} is too long: {len(value)} characters, at most {limit}"
+        )
