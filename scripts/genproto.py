@@ -71,6 +71,7 @@ def _run_protoc(dest: Path) -> None:
             f"--python_out={dest}",
             f"--grpc_python_out={dest}",
             f"--mypy_out={dest}",
+            f"--mypy_grpc_out={dest}",
             *files,
         ]
         subprocess.run(cmd, check=True, cwd=PROTO, env=env, capture_output=True)
@@ -78,6 +79,7 @@ def _run_protoc(dest: Path) -> None:
     for path in list(dest.rglob("*_pb2_grpc.py")):
         if "Stub" not in path.read_text():
             path.unlink()
+            path.with_suffix(".pyi").unlink()
 
 
 def _our_modules(dest: Path) -> list[str]:

@@ -82,10 +82,10 @@ async def channel(server: RunningServer) -> AsyncIterator[aio.Channel]:
 
 
 @pytest.fixture
-def vagrant(channel: aio.Channel) -> vs_grpc.VagrantStub:
+def vagrant(channel: aio.Channel) -> vs_grpc.VagrantAsyncStub:
     return vs_grpc.VagrantStub(channel)
 
 
 @pytest.fixture
-def admin(channel: aio.Channel) -> admin_grpc.AdminStub:
+def admin(channel: aio.Channel) -> admin_grpc.AdminAsyncStub:
     return admin_grpc.AdminStub(channel)

@@ -19,12 +19,12 @@ ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 FP = StatusCode.FAILED_PRECONDITION
 
 
-async def upsert_basis(vagrant: vs_grpc.VagrantStub, basis: vs.Basis) -> vs.Basis:
+async def upsert_basis(vagrant: vs_grpc.VagrantAsyncStub, basis: vs.Basis) -> vs.Basis:
     resp = await vagrant.UpsertBasis(vs.UpsertBasisRequest(basis=basis))
     return resp.basis
 
 
-async def upsert_project(vagrant: vs_grpc.VagrantStub, project: vs.Project) -> vs.Project:
+async def upsert_project(vagrant: vs_grpc.VagrantAsyncStub, project: vs.Project) -> vs.Project:
     resp = await vagrant.UpsertProject(vs.UpsertProjectRequest(project=project))
     return resp.project
 
@@ -33,7 +33,7 @@ async def upsert_project(vagrant: vs_grpc.VagrantStub, project: vs.Project) -> v
 
 
 async def test_basis_upsert_assigns_ulid_and_round_trips_every_field(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     sent = t.basis(
         name="Home",
@@ -55,7 +55,7 @@ async def test_basis_upsert_assigns_ulid_and_round_trips_every_field(
     assert fetched.basis == expected
 
 
-async def test_basis_upsert_with_id_replaces_the_record(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_basis_upsert_with_id_replaces_the_record(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     first = await upsert_basis(vagrant, t.basis(name="a", path="/a", remote_enabled=True))
     replaced = await upsert_basis(
         vagrant, vs.Basis(resource_id=first.resource_id, name="b", path="/b")
@@ -66,7 +66,7 @@ async def test_basis_upsert_with_id_replaces_the_record(vagrant: vs_grpc.Vagrant
     assert [(r.resource_id, r.name) for r in refs] == [(first.resource_id, "b")]
 
 
-async def test_basis_upsert_with_unknown_id_is_not_found(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_basis_upsert_with_unknown_id_is_not_found(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     await t.expect_status(
         vagrant.UpsertBasis(vs.UpsertBasisRequest(basis=t.basis(resource_id="01NOPE"))),
         StatusCode.NOT_FOUND,
@@ -93,20 +93,20 @@ async def test_basis_upsert_with_unknown_id_is_not_found(vagrant: vs_grpc.Vagran
     ],
 )
 async def test_basis_upsert_rejects_bad_input_and_stores_nothing(
-    vagrant: vs_grpc.VagrantStub, basis: vs.Basis, code: StatusCode, fragment: str
+    vagrant: vs_grpc.VagrantAsyncStub, basis: vs.Basis, code: StatusCode, fragment: str
 ) -> None:
     await t.expect_status(vagrant.UpsertBasis(vs.UpsertBasisRequest(basis=basis)), code, fragment)
     assert not (await vagrant.ListBasis(Empty())).basis
 
 
 async def test_basis_upsert_without_basis_is_failed_precondition(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     await t.expect_status(vagrant.UpsertBasis(vs.UpsertBasisRequest()), FP, "basis is required")
 
 
 async def test_basis_names_are_unique_ignoring_case_and_paths_unique(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     first = await upsert_basis(vagrant, t.basis(name="Default", path="/one"))
     await t.expect_status(
@@ -123,12 +123,13 @@ async def test_basis_names_are_unique_ignoring_case_and_paths_unique(
     assert [r.name for r in refs] == ["Default"]
 
 
-async def test_basis_find_tries_id_then_name_then_path(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_basis_find_tries_id_then_name_then_path(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     a = await upsert_basis(vagrant, t.basis(name="alpha", path="/alpha"))
     b = await upsert_basis(vagrant, t.basis(name="beta", path="/beta"))
 
-    async def find(**kw: str) -> str:
-        resp = await vagrant.FindBasis(vs.FindBasisRequest(basis=vs.Basis(**kw)))
+    async def find(resource_id: str = "", name: str = "", path: str = "") -> str:
+        query = vs.Basis(resource_id=resource_id, name=name, path=path)
+        resp = await vagrant.FindBasis(vs.FindBasisRequest(basis=query))
         return resp.basis.resource_id
 
     assert await find(resource_id=a.resource_id, name="beta") == a.resource_id
@@ -145,7 +146,7 @@ async def test_basis_find_tries_id_then_name_then_path(vagrant: vs_grpc.VagrantS
     )
 
 
-async def test_basis_get_is_by_resource_id_only(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_basis_get_is_by_resource_id_only(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     await upsert_basis(vagrant, t.basis(name="only"))
     await t.expect_status(
         vagrant.GetBasis(vs.GetBasisRequest(basis=sdk.Ref.Basis(name="only"))),
@@ -158,7 +159,7 @@ async def test_basis_get_is_by_resource_id_only(vagrant: vs_grpc.VagrantStub) ->
     )
 
 
-async def test_basis_list_returns_refs(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_basis_list_returns_refs(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     made = [await upsert_basis(vagrant, t.basis(name=n)) for n in ("b", "a", "c")]
     refs = (await vagrant.ListBasis(Empty())).basis
     assert [r.name for r in refs] == ["a", "b", "c"]
@@ -166,7 +167,7 @@ async def test_basis_list_returns_refs(vagrant: vs_grpc.VagrantStub) -> None:
 
 
 async def test_oversized_basis_is_rejected_near_and_over_the_message_limit(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     big = sdk.Args.MetadataSet(metadata={"blob": "x" * (3 * 1024 * 1024)})
     await t.expect_status(
@@ -185,7 +186,7 @@ async def test_oversized_basis_is_rejected_near_and_over_the_message_limit(
 # -- project ---------------------------------------------------------------------
 
 
-async def test_project_upsert_links_basis_both_ways(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_project_upsert_links_basis_both_ways(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     basis = await upsert_basis(vagrant, t.basis(name="home"))
     project = await upsert_project(vagrant, t.project(sdk.Ref.Basis(name="home"), name="web"))
     assert ULID.match(project.resource_id)
@@ -200,7 +201,7 @@ async def test_project_upsert_links_basis_both_ways(vagrant: vs_grpc.VagrantStub
 
 
 async def test_project_moving_to_another_basis_updates_both_lists(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     one = await upsert_basis(vagrant, t.basis(name="one"))
     two = await upsert_basis(vagrant, t.basis(name="two"))
@@ -219,7 +220,7 @@ async def test_project_moving_to_another_basis_updates_both_lists(
     assert await projects_of(two) == [project.resource_id]
 
 
-async def test_project_needs_an_existing_basis(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_project_needs_an_existing_basis(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     await t.expect_status(
         vagrant.UpsertProject(vs.UpsertProjectRequest(project=vs.Project(name="p", path="/p"))),
         FP,
@@ -236,7 +237,7 @@ async def test_project_needs_an_existing_basis(vagrant: vs_grpc.VagrantStub) -> 
 
 
 async def test_project_names_unique_per_basis_and_paths_unique(
-    vagrant: vs_grpc.VagrantStub,
+    vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     one = t.basis_ref(await upsert_basis(vagrant, t.basis(name="one")))
     two = t.basis_ref(await upsert_basis(vagrant, t.basis(name="two")))
@@ -255,7 +256,7 @@ async def test_project_names_unique_per_basis_and_paths_unique(
     assert len((await vagrant.ListProjects(Empty())).projects) == 2
 
 
-async def test_project_find_order_and_ambiguity(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_project_find_order_and_ambiguity(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     one = t.basis_ref(await upsert_basis(vagrant, t.basis(name="one")))
     two = t.basis_ref(await upsert_basis(vagrant, t.basis(name="two")))
     p1 = await upsert_project(vagrant, t.project(one, name="web", path="/w1"))
@@ -280,7 +281,7 @@ async def test_project_find_order_and_ambiguity(vagrant: vs_grpc.VagrantStub) ->
     )
 
 
-async def test_project_list_and_get(vagrant: vs_grpc.VagrantStub) -> None:
+async def test_project_list_and_get(vagrant: vs_grpc.VagrantAsyncStub) -> None:
     one = t.basis_ref(await upsert_basis(vagrant, t.basis(name="one")))
     p = await upsert_project(
         vagrant, t.project(one, name="api", metadata=sdk.Args.MetadataSet(metadata={"k": "v"}))
@@ -297,7 +298,7 @@ async def test_project_list_and_get(vagrant: vs_grpc.VagrantStub) -> None:
 
 
 async def test_deleting_a_project_deletes_its_targets(
-    vagrant: vs_grpc.VagrantStub, admin: admin_grpc.AdminStub
+    vagrant: vs_grpc.VagrantAsyncStub, admin: admin_grpc.AdminAsyncStub
 ) -> None:
     one = t.basis_ref(await upsert_basis(vagrant, t.basis(name="one")))
     keep = await upsert_project(vagrant, t.project(one, name="keep"))
@@ -319,7 +320,7 @@ async def test_deleting_a_project_deletes_its_targets(
 
 
 async def test_deleting_a_basis_deletes_everything_below(
-    vagrant: vs_grpc.VagrantStub, admin: admin_grpc.AdminStub
+    vagrant: vs_grpc.VagrantAsyncStub, admin: admin_grpc.AdminAsyncStub
 ) -> None:
     one = t.basis_ref(await upsert_basis(vagrant, t.basis(name="one")))
     project = await upsert_project(vagrant, t.project(one))

@@ -131,6 +131,8 @@ class Version:
     @cached_property
     def _key(self) -> _SortKey:
         trimmed = list(self.segments)
+        while trimmed and trimmed[-1] == 0:
+            trimmed.pop()
         if not self.prerelease:
             return (tuple(trimmed), 1, ())
         parts = tuple(_part_key(p) for p in self.prerelease.split("."))
@@ -208,8 +210,6 @@ class Constraint:
         # `=` and `!=` skip the prerelease rule in go-version, so `!= 1.1` admits 2.0-beta.
         if op == "=":
             return v == c
-        if op == "!=":
-            return v != c
         if op == "~>":
             return _pessimistic(v, c)
         if not _prerelease_allowed(v, c):

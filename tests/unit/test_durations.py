@@ -87,6 +87,9 @@ INT64_MIN = -(2**63)
         # Digits past int64 precision are read but ignored (Go's leadingFraction).
         ("0.830103483285477580700h", 49 * M + 48 * S + 372539827),
         ("0." + "1" * 120 + "s", 111_111_111),
+        # Here the ignored digits are visible: counting them all would round up.
+        ("0.50171599999999993870048h", 1_806_177_599_999),
+        ("0.92195755209055559159h", 3_319_047_187_526),
     ],
 )
 def test_parse_ns(text: str, nanos: int) -> None:

@@ -187,6 +187,8 @@ def test_near_limit_hostile_input_is_fast(text: str) -> None:
         ("1.0.0--1", "1.0.0-0"),  # "-1" is numeric to strconv.ParseInt
         ("1.0.0-99999999999999999999", "1.0.0-a"),  # out of int64: compared as text
         ("1.0.0-9223372036854775807", "1.0.0-9223372036854775808"),
+        ("1.0.0-100000000000000000000", "1.0.0-99999999999999999999"),  # as text, not numbers
+        ("1.0.0--9223372036854775808", "1.0.0--9223372036854775809"),  # below int64: text
         ("1.0.0.0-beta", "1.0.0"),  # go-version calls these equal; we keep the order total
         ("1.0.0-rc.1", "1.0.1-alpha"),
         ("9223372036854775806", "9223372036854775807"),

@@ -8,19 +8,19 @@ from grpc import aio
 
 from waystation.errors import FailedPrecondition
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
-from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.errors import rpc
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import Store
 
-SERVICE = "waystation.v1.Admin"
+DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]
+SERVICE = DESCRIPTOR.full_name
 Ctx = aio.ServicerContext[Any, Any]
 
 
-class AdminService(admin_grpc.AdminServicer):
+class AdminService:
     def __init__(self, store: Store) -> None:
         self.store = store
-        fill_unimplemented(self, admin_grpc.AdminServicer, SERVICE)
+        fill_unimplemented(self, DESCRIPTOR)
 
     @rpc
     async def DeleteBasis(

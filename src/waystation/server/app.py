@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import cast
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,9 +49,16 @@ async def start(settings: ServerSettings) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ]
     )
-    vs_grpc.add_VagrantServicer_to_server(vagrant.VagrantService(store), server)
-    pd_grpc.add_ProvisionerDaemonServicer_to_server(provisionerd.ProvisionerDaemonService(), server)
-    admin_grpc.add_AdminServicer_to_server(admin.AdminService(store), server)
+    # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
+    vs_grpc.add_VagrantServicer_to_server(
+        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(store)), server
+    )
+    pd_grpc.add_ProvisionerDaemonServicer_to_server(
+        cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService()), server
+    )
+    admin_grpc.add_AdminServicer_to_server(
+        cast(admin_grpc.AdminServicer, admin.AdminService(store)), server
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

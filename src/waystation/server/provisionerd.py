@@ -6,12 +6,13 @@ RPC until the provisioner engine lands on the shared job engine.
 
 from __future__ import annotations
 
-from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
+from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.server.unimplemented import fill_unimplemented
 
-SERVICE = "provisionerd.ProvisionerDaemon"
+DESCRIPTOR = pd.DESCRIPTOR.services_by_name["ProvisionerDaemon"]
+SERVICE = DESCRIPTOR.full_name
 
 
-class ProvisionerDaemonService(pd_grpc.ProvisionerDaemonServicer):
+class ProvisionerDaemonService:
     def __init__(self) -> None:
-        fill_unimplemented(self, pd_grpc.ProvisionerDaemonServicer, SERVICE)
+        fill_unimplemented(self, DESCRIPTOR)

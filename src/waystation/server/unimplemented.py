@@ -1,9 +1,9 @@
 """Answer UNIMPLEMENTED, with a message, for every RPC not built yet.
 
-The generated servicer base classes would raise NotImplementedError from a
-synchronous method, which grpc.aio reports as UNKNOWN. Instead each method the
-servicer does not define gets an async handler that aborts with
-UNIMPLEMENTED, so clients see exactly which RPC is missing.
+Servicers are plain classes; every method of the service (read from its
+descriptor) that a servicer does not define gets an async handler that aborts
+with UNIMPLEMENTED and names the method, so clients see exactly what is
+missing instead of a generic error.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 
 import waystation
 
 
-def fill_unimplemented(servicer: object, base: type, service: str) -> None:
-    for name, attr in vars(base).items():
-        if name.startswith("__") or not callable(attr):
-            continue
-        if getattr(type(servicer), name) is attr:
-            setattr(servicer, name, _handler(f"/{service}/{name}"))
+def fill_unimplemented(servicer: object, service: ServiceDescriptor) -> None:
+    for method in service.methods:
+        if not hasattr(servicer, method.name):
+            setattr(servicer, method.name, _handler(f"/{service.full_name}/{method.name}"))
 
 
 def _handler(method: str) -> Any:

@@ -9,22 +9,22 @@ from grpc import aio
 
 import waystation
 from waystation.protocol import vagrant_server_pb2 as vs
-from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.server.vagrant_state import StateRPCs
 from waystation.store import Store
 
-SERVICE = "hashicorp.vagrant.Vagrant"
+DESCRIPTOR = vs.DESCRIPTOR.services_by_name["Vagrant"]
+SERVICE = DESCRIPTOR.full_name
 
 # Protocol versions we speak (upstream: api and entrypoint both at 1).
 API_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 ENTRYPOINT_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 
 
-class VagrantService(StateRPCs, vs_grpc.VagrantServicer):
+class VagrantService(StateRPCs):
     def __init__(self, store: Store) -> None:
         self.store = store
-        fill_unimplemented(self, vs_grpc.VagrantServicer, SERVICE)
+        fill_unimplemented(self, DESCRIPTOR)
 
     async def GetVersionInfo(
         self, request: Empty, context: aio.ServicerContext[Any, Any]

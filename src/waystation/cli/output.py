@@ -1,0 +1,112 @@
+"""How the CLI talks to the server and to people: channels, errors, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import typer
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from waystation.config import MAX_MESSAGE_BYTES
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp")
+
+
+@dataclass
+class Context:
+    """What the root command parsed, handed to every subcommand."""
+
+    address: str
+    _channel: grpc.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(
+                self.address,
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ],
+            )
+        return self._channel
+
+
+def call(ctx: Context, method: Callable[..., Resp], request: Message, timeout: float = 30) -> Resp:
+    """Make one RPC; on failure print one clear line and exit non-zero."""
+    with rpc_errors(ctx):
+        return method(request, timeout=timeout)
+
+
+@contextmanager
+def rpc_errors(ctx: Context) -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        details: str = exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            fail(
+                f"cannot reach the waystation server at {ctx.address} ({details}); "
+                "start one with `waystation server run` or pass --address"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            fail(f"the server at {ctx.address} did not answer in time")
+        else:
+            fail(f"{details} ({code.name})")
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(1)
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(data: Message | Sequence[Message]) -> None:
+    value = [to_dict(m) for m in data] if isinstance(data, Sequence) else to_dict(data)
+    out.print_json(json.dumps(value), highlight=False)
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
+    if not rows:
+        err.print(empty)
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def print_record(message: Message) -> None:
+    """A record as `field: value` lines; nested messages as compact JSON."""
+    for key, value in to_dict(message).items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        out.print(f"[bold]{key}[/bold]: {shown}", markup=True)
+
+
+def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
+    """`k=v` options into a dict, failing clearly on a malformed one."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"{what} must look like KEY=VALUE, got {pair!r}")
+        result[key] = value
+    return result
