@@ -39,6 +39,8 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         yield sqlite_url(tmp_path / "waystation.db")
         return
     if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the PostgreSQL tests: set WAYSTATION_TEST_POSTGRES_URL")
         pytest.skip("WAYSTATION_TEST_POSTGRES_URL is not set")
     with postgres_schema() as url:
         yield url

@@ -1,0 +1,96 @@
+"""The transaction runner: group commit, isolation of failures, schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.engine import Connection
+
+from waystation.errors import AlreadyExists, WaystationError
+from waystation.store import Store
+from waystation.store.migrate import alembic_config
+from waystation.store.schema import bases, metadata
+
+
+def _insert(conn: Connection, name: str, fail: bool) -> str:
+    conn.execute(
+        sa.insert(bases).values(
+            resource_id=name, name=name, name_key=name, path=f"/{name}", data=b""
+        )
+    )
+    if fail:
+        raise AlreadyExists(f"{name} fails after writing")
+    return name
+
+
+def _names(conn: Connection) -> set[str]:
+    return set(conn.execute(sa.select(bases.c.name)).scalars())
+
+
+async def test_a_failing_transaction_rolls_back_alone_within_a_group(backend_url: str) -> None:
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        results = await asyncio.gather(
+            *(store.db.write(_insert, f"b{i}", i % 5 == 0) for i in range(60)),
+            return_exceptions=True,
+        )
+        failed = {f"b{i}" for i in range(60) if i % 5 == 0}
+        assert all(isinstance(results[i], AlreadyExists) for i in range(0, 60, 5))
+        assert {r for r in results if isinstance(r, str)} == {f"b{i}" for i in range(60)} - failed
+        assert await store.db.read(_names) == {f"b{i}" for i in range(60)} - failed
+    finally:
+        await store.close()
+
+
+def _boom(conn: Connection) -> None:
+    conn.execute(sa.text("SELECT * FROM no_such_table"))
+
+
+async def test_a_database_error_reaches_the_caller_and_the_writer_survives(
+    backend_url: str,
+) -> None:
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        with pytest.raises(
+            sa.exc.ProgrammingError if "postgres" in backend_url else sa.exc.OperationalError
+        ):
+            await store.db.write(_boom)
+        assert await store.db.write(_insert, "after", False) == "after"
+        assert not isinstance(await store.db.read(_names), WaystationError)
+    finally:
+        await store.close()
+
+
+async def test_close_finishes_queued_writes(backend_url: str) -> None:
+    store = await asyncio.to_thread(Store.open, backend_url)
+    pending = [asyncio.ensure_future(store.db.write(_insert, f"c{i}", False)) for i in range(30)]
+    await asyncio.sleep(0)
+    await store.close()
+    assert [await p for p in pending] == [f"c{i}" for i in range(30)]
+    reopened = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        assert await reopened.db.read(_names) == {f"c{i}" for i in range(30)}
+    finally:
+        await reopened.close()
+
+
+def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> None:
+    store = Store.open(backend_url)
+    try:
+
+        def check(conn: Connection) -> None:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+            assert diff == [], f"schema.py and migrations differ: {diff}"
+            command.downgrade(alembic_config(conn), "base")
+            assert "bases" not in sa.inspect(conn).get_table_names()
+            command.upgrade(alembic_config(conn), "head")
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+        store.db.run_sync(check)
+    finally:
+        asyncio.run(store.close())
