@@ -73,16 +73,15 @@ def _leading_int(s: str, pos: int) -> tuple[int | None, int]:
 def _leading_fraction(s: str, pos: int) -> tuple[int, int, int]:
     """Consume [0-9]* after a '.'; returns (digits value, 10**used digits, new pos).
 
-    Like Go, digits past int64 precision are consumed but ignored.
+    Like Go, digits past int64 precision are consumed but ignored. (Go also stops
+    when one more digit would pass 2**63; that only ever drops a 19th digit that the
+    float64 scaling cannot see, so it is left out.)
     """
-    value, scale, overflow = 0, 1, False
+    value, scale = 0, 1
     while pos < len(s) and _is_digit(s[pos]):
-        if not overflow:
-            bigger = value * 10 + ord(s[pos]) - ord("0")
-            if value > (_LIMIT - 1) // 10 or bigger > _LIMIT:
-                overflow = True
-            else:
-                value, scale = bigger, scale * 10
+        # Once past the bound the value stops changing, so every later digit is skipped.
+        if value <= (_LIMIT - 1) // 10:
+            value, scale = value * 10 + ord(s[pos]) - ord("0"), scale * 10
         pos += 1
     return value, scale, pos
 

@@ -210,6 +210,8 @@ class Constraint:
         # `=` and `!=` skip the prerelease rule in go-version, so `!= 1.1` admits 2.0-beta.
         if op == "=":
             return v == c
+        if op == "!=":
+            return v != c
         if op == "~>":
             return _pessimistic(v, c)
         if not _prerelease_allowed(v, c):
