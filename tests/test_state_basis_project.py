@@ -82,7 +82,8 @@ async def test_basis_upsert_with_unknown_id_is_not_found(vagrant: vs_grpc.Vagran
         (vs.Basis(name="n"), FP, "basis path is required"),
         (vs.Basis(name="x" * 10240, path="/p"), StatusCode.INVALID_ARGUMENT, "name is too long"),
         (vs.Basis(name="n", path="/" * 5000), StatusCode.INVALID_ARGUMENT, "path is too long"),
-        (vs.Basis(name="a\x00b", path="/p"), StatusCode.INVALID_ARGUMENT, "control characters"),
+        (vs.Basis(name="a\x01b", path="/p"), StatusCode.INVALID_ARGUMENT, "control characters"),
+        (vs.Basis(name="a\x00b", path="/p"), StatusCode.INVALID_ARGUMENT, "name contains a NUL"),
         (vs.Basis(name=" padded ", path="/p"), StatusCode.INVALID_ARGUMENT, "whitespace"),
         (vs.Basis(name="n", path="/p\x00"), StatusCode.INVALID_ARGUMENT, "NUL"),
         (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import platformdirs
 
+from waystation.engine.rules import Timeouts
 from waystation.store.database import sqlite_url
 
 DEFAULT_LISTEN = "127.0.0.1:9701"
@@ -28,6 +29,7 @@ class ServerSettings:
     fsync: bool = True
     # Seconds that in-flight RPCs get to finish at shutdown.
     shutdown_grace: float = 10.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     @property
     def database_url(self) -> str:

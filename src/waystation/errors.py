@@ -38,3 +38,7 @@ class PermissionDenied(WaystationError):
 
 class Unauthenticated(WaystationError):
     """The caller did not prove who it is."""
+
+
+class Unavailable(WaystationError):
+    """Not now: the client may retry later."""

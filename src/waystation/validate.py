@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from waystation.errors import FailedPrecondition, InvalidArgument
 
 MAX_NAME = 255
@@ -62,3 +65,26 @@ def _bounded(kind: str, field: str, value: str, limit: int) -> None:
         raise InvalidArgument(
             f"{kind} {field} is too long: {len(value)} characters, at most {limit}"
         )
+
+
+def no_nul(message: Message, path: str = "") -> None:
+    """Refuse a NUL in any string field: it is never meaningful in a name, a key
+    or a ref, and PostgreSQL cannot even compare it."""
+    for field, value in message.ListFields():
+        where = f"{path}{field.name}"
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            if any("\x00" in v for v in values):
+                raise InvalidArgument(f"{where} contains a NUL byte")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if "\x00" in str(key) or (isinstance(item, str) and "\x00" in item):
+                        raise InvalidArgument(f"{where} contains a NUL byte")
+                    if isinstance(item, Message):
+                        no_nul(item, f"{where} ")
+            elif field.is_repeated:
+                for item in value:
+                    no_nul(item, f"{where} ")
+            else:
+                no_nul(value, f"{where} ")

@@ -10,7 +10,9 @@ from waystation.errors import FailedPrecondition
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc
 from waystation.server.unimplemented import fill_unimplemented
-from waystation.store import Store
+from waystation.engine.engine import JobEngine
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.store import runners as runner_tx
 
 DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]
 SERVICE = DESCRIPTOR.full_name
@@ -18,8 +20,9 @@ Ctx = aio.ServicerContext[Any, Any]
 
 
 class AdminService:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.store = engine.store
         fill_unimplemented(self, DESCRIPTOR)
 
     @rpc
@@ -37,3 +40,14 @@ class AdminService:
         if not request.HasField("project"):
             raise FailedPrecondition("project is required")
         return admin.DeleteResponse(deleted=await self.store.project_delete(request.project))
+
+    @rpc
+    async def ConfigSet(self, request: vs.ConfigSetRequest, context: Ctx) -> vs.ConfigSetResponse:
+        if await self.engine.db.write(runner_tx.config_set, list(request.variables)):
+            await self.engine.config_changed()
+        return vs.ConfigSetResponse()
+
+    @rpc
+    async def ConfigGet(self, request: vs.ConfigGetRequest, context: Ctx) -> vs.ConfigGetResponse:
+        variables = await self.engine.db.read(runner_tx.config_get, request)
+        return vs.ConfigGetResponse(variables=variables)

@@ -19,6 +19,7 @@ from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server import admin, provisionerd, vagrant
+from waystation.engine.engine import JobEngine
 from waystation.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,19 +30,25 @@ SERVICES = (vagrant.SERVICE, provisionerd.SERVICE, admin.SERVICE)
 @dataclass
 class RunningServer:
     server: aio.Server
-    store: Store
+    engine: JobEngine
     health: HealthServicer
     address: str
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
 
     async def stop(self, grace: float) -> None:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.server.stop(grace)  # streams get the grace period, then are cancelled
+        await self.engine.stop()
         await self.store.close()  # drains the write queue: in-flight writes finish
 
 
 async def start(settings: ServerSettings) -> RunningServer:
     store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
+    engine = JobEngine(store, settings.timeouts)
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -51,13 +58,13 @@ async def start(settings: ServerSettings) -> RunningServer:
     )
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
     vs_grpc.add_VagrantServicer_to_server(
-        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(store)), server
+        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine)), server
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
         cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService()), server
     )
     admin_grpc.add_AdminServicer_to_server(
-        cast(admin_grpc.AdminServicer, admin.AdminService(store)), server
+        cast(admin_grpc.AdminServicer, admin.AdminService(engine)), server
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -71,11 +78,12 @@ async def start(settings: ServerSettings) -> RunningServer:
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     host = settings.listen.rsplit(":", 1)[0]
     await server.start()
+    await engine.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{host}:{port}"
     log.info("waystation %s listening on %s", waystation.__version__, address)
-    return RunningServer(server, store, health_servicer, address)
+    return RunningServer(server, engine, health_servicer, address)
 
 
 async def serve(settings: ServerSettings) -> None:

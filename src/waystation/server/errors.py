@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
-from waystation import errors
+from waystation import errors, validate
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ CODES: dict[type[errors.WaystationError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -55,7 +57,31 @@ def rpc(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if isinstance(request, Message):
+                validate.no_nul(request)
             return await handler(self, request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc, handler.__qualname__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+StreamHandler = TypeVar("StreamHandler", bound=Callable[..., AsyncIterator[Any]])
+
+
+def stream_rpc(handler: StreamHandler) -> StreamHandler:
+    """Wrap a server-streaming handler (an async generator) likewise."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            validate.no_nul(request)
+            async for item in handler(self, request, context):
+                yield item
         except aio.AbortError:
             raise
         except Exception as exc:

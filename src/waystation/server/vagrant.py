@@ -10,8 +10,10 @@ from grpc import aio
 import waystation
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.unimplemented import fill_unimplemented
+from waystation.server.vagrant_jobs import JobRPCs
+from waystation.server.vagrant_runners import RunnerRPCs
 from waystation.server.vagrant_state import StateRPCs
-from waystation.store import Store
+from waystation.engine.engine import JobEngine
 
 DESCRIPTOR = vs.DESCRIPTOR.services_by_name["Vagrant"]
 SERVICE = DESCRIPTOR.full_name
@@ -21,9 +23,10 @@ API_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 ENTRYPOINT_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 
 
-class VagrantService(StateRPCs):
-    def __init__(self, store: Store) -> None:
-        self.store = store
+class VagrantService(StateRPCs, JobRPCs, RunnerRPCs):
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.store = engine.store
         fill_unimplemented(self, DESCRIPTOR)
 
     async def GetVersionInfo(

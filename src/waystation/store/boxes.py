@@ -74,15 +74,24 @@ def box_delete(conn: Connection, ref: sdk.Ref.Box) -> bool:
 
 
 def box_list(conn: Connection) -> list[sdk.Ref.Box]:
-    rows = conn.execute(
-        sa.select(boxes.c.resource_id, boxes.c.name, boxes.c.version, boxes.c.provider).order_by(
-            boxes.c.name, boxes.c.provider, boxes.c.version
-        )
+    rows = sorted(
+        conn.execute(
+            sa.select(boxes.c.resource_id, boxes.c.name, boxes.c.version, boxes.c.provider)
+        ),
+        # By name and provider, then by version as versions (1.10 after 1.2), not as text.
+        key=lambda r: (r.name, r.provider, _version_key(r.version)),
     )
     return [
         sdk.Ref.Box(resource_id=r.resource_id, name=r.name, version=r.version, provider=r.provider)
         for r in rows
     ]
+
+
+def _version_key(text: str) -> tuple[int, versions.Version | str]:
+    try:
+        return (0, versions.parse_version(text))
+    except versions.VersionError:
+        return (1, text)
 
 
 def box_find(conn: Connection, ref: sdk.Ref.Box) -> vs.Box | None:
@@ -114,7 +123,8 @@ def _row_by_ref(conn: Connection, ref: sdk.Ref.Box) -> Row[tuple[str, ...]] | No
         return conn.execute(sa.select(boxes).where(boxes.c.resource_id == ref.resource_id)).first()
     if not (ref.name and ref.provider):
         raise FailedPrecondition("box resource_id, or name and provider, is required")
-    return _row_by_key(conn, ref.name, ref.version or DEFAULT_VERSION, ref.provider)
+    version = DEFAULT_VERSION if ref.version in ("", "0") else ref.version
+    return _row_by_key(conn, ref.name, version, ref.provider)
 
 
 def _row_by_key(

@@ -344,7 +344,10 @@ def target_find(conn: Connection, target: vs.Target) -> vs.Target:
         conn, sdk.Ref.Project(), target.resource_id, target.name, target.project, target.uuid
     )
     if row is None:
-        raise NotFound(f"target not found: {_describe(target.resource_id, target.name, '')}")
+        described = _describe(target.resource_id, target.name, "")
+        if target.uuid:
+            described = f"{described}, uuid {target.uuid!r}".removeprefix("no identifier given, ")
+        raise NotFound(f"target not found: {described}")
     return _target_message(conn, row)
 
 
@@ -402,13 +405,19 @@ def _find_target_row(
     if name:
         scope = project_ref if _ref_given(project_ref) else inner_project
         if not _ref_given(scope):
-            raise FailedPrecondition("target project is required to find a target by name")
-        project = _find_project_row(
-            conn,
-            scope.resource_id,
-            scope.name,
-            scope.path,
-            scope.basis if scope.HasField("basis") else None,
+            if not (resource_id or uuid):
+                raise FailedPrecondition("target project is required to find a target by name")
+            scope = sdk.Ref.Project()
+        project = (
+            _find_project_row(
+                conn,
+                scope.resource_id,
+                scope.name,
+                scope.path,
+                scope.basis if scope.HasField("basis") else None,
+            )
+            if _ref_given(scope)
+            else None
         )
         if project is not None:
             row = conn.execute(

@@ -78,3 +78,79 @@ boxes = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
     sa.UniqueConstraint("name", "version", "provider"),
 )
+
+# -- jobs (the job engine's durable state) -------------------------------------
+# Times are integer microseconds since the epoch. The row's columns are the
+# truth for every server-side field; `data` keeps the Job as it was queued.
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("state", sa.SmallInteger, nullable=False),
+    sa.Column("operation", sa.Text, nullable=False),
+    # The serialization scope a Command job holds while WAITING or RUNNING.
+    sa.Column("scope_key", sa.Text),
+    sa.Column("basis_id", sa.Text, index=True),
+    sa.Column("project_id", sa.Text, index=True),
+    sa.Column("target_id", sa.Text, index=True),
+    # The runner it must run on, lowercased; NULL means any runner.
+    sa.Column("runner_id", sa.Text),
+    sa.Column("assigned_runner", sa.Text),
+    sa.Column("queue_time", sa.BigInteger, nullable=False),
+    sa.Column("assign_time", sa.BigInteger),
+    sa.Column("ack_time", sa.BigInteger),
+    sa.Column("complete_time", sa.BigInteger),
+    sa.Column("cancel_time", sa.BigInteger),
+    sa.Column("expire_time", sa.BigInteger, index=True),
+    # Timers are deadlines here, so they survive restarts and any replica may
+    # fire them; each transition sets or clears them, so none goes stale.
+    sa.Column("ack_deadline", sa.BigInteger, index=True),
+    sa.Column("heartbeat_deadline", sa.BigInteger, index=True),
+    sa.Column("error", sa.LargeBinary),
+    sa.Column("result", sa.LargeBinary),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Index("ix_jobs_state_queue_time", "state", "queue_time"),
+    sa.Index("ix_jobs_state_complete_time", "state", "complete_time"),
+    # The database itself refuses a second held job in one scope, so two
+    # replicas cannot both assign commands for the same machine.
+    sa.Index(
+        "uq_jobs_held_scope",
+        "scope_key",
+        unique=True,
+        sqlite_where=sa.text("state IN (2, 3) AND scope_key IS NOT NULL"),
+        postgresql_where=sa.text("state IN (2, 3) AND scope_key IS NOT NULL"),
+    ),
+)
+
+job_output = sa.Table(
+    "job_output",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    # One GetJobStreamResponse.Terminal (a batch of events) as the runner sent it.
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+runners = sa.Table(
+    "runners",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # lowercased: ids match ignoring case
+    sa.Column("by_id_only", sa.Boolean, nullable=False),
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # Online while a server holding its config stream keeps renewing this.
+    sa.Column("online_until", sa.BigInteger),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+config_vars = sa.Table(
+    "config_vars",
+    metadata,
+    # basis, project, target or runner; scope_id is a resource id, a lowercased
+    # runner id, or "*" for the any-runner scope.
+    sa.Column("scope_kind", sa.Text, primary_key=True),
+    sa.Column("scope_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)

@@ -24,21 +24,22 @@ _sym_db = _symbol_database.Default()
 
 
 from waystation.protocol import plugin_pb2 as plugin__pb2
+from waystation.protocol import vagrant_server_pb2 as vagrant__server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x0cplugin.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xad\x01\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x0cplugin.proto\x1a\x14vagrant_server.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xdd\x02\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponse\x12V\n\tConfigSet\x12#.hashicorp.vagrant.ConfigSetRequest\x1a$.hashicorp.vagrant.ConfigSetResponse\x12V\n\tConfigGet\x12#.hashicorp.vagrant.ConfigGetRequest\x1a$.hashicorp.vagrant.ConfigGetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'waystation.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELETEBASISREQUEST']._serialized_start=58
-  _globals['_DELETEBASISREQUEST']._serialized_end=127
-  _globals['_DELETEPROJECTREQUEST']._serialized_start=129
-  _globals['_DELETEPROJECTREQUEST']._serialized_end=204
-  _globals['_DELETERESPONSE']._serialized_start=206
-  _globals['_DELETERESPONSE']._serialized_end=239
-  _globals['_ADMIN']._serialized_start=242
-  _globals['_ADMIN']._serialized_end=415
+  _globals['_DELETEBASISREQUEST']._serialized_start=80
+  _globals['_DELETEBASISREQUEST']._serialized_end=149
+  _globals['_DELETEPROJECTREQUEST']._serialized_start=151
+  _globals['_DELETEPROJECTREQUEST']._serialized_end=226
+  _globals['_DELETERESPONSE']._serialized_start=228
+  _globals['_DELETERESPONSE']._serialized_end=261
+  _globals['_ADMIN']._serialized_start=264
+  _globals['_ADMIN']._serialized_end=613
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from waystation.protocol import vagrant_server_pb2 as vagrant__server__pb2
 from waystation.protocol.waystation.v1 import admin_pb2 as waystation_dot_v1_dot_admin__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -45,6 +46,16 @@ class AdminStub:
                 request_serializer=waystation_dot_v1_dot_admin__pb2.DeleteProjectRequest.SerializeToString,
                 response_deserializer=waystation_dot_v1_dot_admin__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ConfigSet = channel.unary_unary(
+                '/waystation.v1.Admin/ConfigSet',
+                request_serializer=vagrant__server__pb2.ConfigSetRequest.SerializeToString,
+                response_deserializer=vagrant__server__pb2.ConfigSetResponse.FromString,
+                _registered_method=True)
+        self.ConfigGet = channel.unary_unary(
+                '/waystation.v1.Admin/ConfigGet',
+                request_serializer=vagrant__server__pb2.ConfigGetRequest.SerializeToString,
+                response_deserializer=vagrant__server__pb2.ConfigGetResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -65,6 +76,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfigSet(self, request, context):
+        """Set config variables (Waypoint's ConfigSet, with the seed's messages):
+        scoped to a basis, project or target (by resource_id) or to runners (any,
+        or one by id). An empty value deletes the variable. Connected runners get
+        their new set at once when a runner-scoped variable changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfigGet(self, request, context):
+        """Get the config variables of one scope whose names start with `prefix`.
+        For a runner id: those for any runner, then its own (which win), by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +106,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DeleteProject,
                     request_deserializer=waystation_dot_v1_dot_admin__pb2.DeleteProjectRequest.FromString,
                     response_serializer=waystation_dot_v1_dot_admin__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ConfigSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigSet,
+                    request_deserializer=vagrant__server__pb2.ConfigSetRequest.FromString,
+                    response_serializer=vagrant__server__pb2.ConfigSetResponse.SerializeToString,
+            ),
+            'ConfigGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigGet,
+                    request_deserializer=vagrant__server__pb2.ConfigGetRequest.FromString,
+                    response_serializer=vagrant__server__pb2.ConfigGetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +172,60 @@ class Admin:
             '/waystation.v1.Admin/DeleteProject',
             waystation_dot_v1_dot_admin__pb2.DeleteProjectRequest.SerializeToString,
             waystation_dot_v1_dot_admin__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Admin/ConfigSet',
+            vagrant__server__pb2.ConfigSetRequest.SerializeToString,
+            vagrant__server__pb2.ConfigSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Admin/ConfigGet',
+            vagrant__server__pb2.ConfigGetRequest.SerializeToString,
+            vagrant__server__pb2.ConfigGetResponse.FromString,
             options,
             channel_credentials,
             insecure,

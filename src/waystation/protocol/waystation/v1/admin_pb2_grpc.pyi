@@ -14,6 +14,7 @@ import abc as _abc_1
 import grpc as _grpc
 import sys
 import typing as _typing
+from waystation.protocol import vagrant_server_pb2 as _vagrant_server_pb2
 
 if sys.version_info >= (3, 11):
     from typing import Self as _Self
@@ -41,6 +42,16 @@ class AdminStub:
     """
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.DeleteResponse]
     """Delete a project with its targets."""
+    ConfigSet: _grpc.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigSetRequest, _vagrant_server_pb2.ConfigSetResponse]
+    """Set config variables (Waypoint's ConfigSet, with the seed's messages):
+    scoped to a basis, project or target (by resource_id) or to runners (any,
+    or one by id). An empty value deletes the variable. Connected runners get
+    their new set at once when a runner-scoped variable changes.
+    """
+    ConfigGet: _grpc.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]
+    """Get the config variables of one scope whose names start with `prefix`.
+    For a runner id: those for any runner, then its own (which win), by name.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -51,6 +62,16 @@ class AdminAsyncStub(AdminStub):
     """
     DeleteProject: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteProjectRequest, _admin_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete a project with its targets."""
+    ConfigSet: _aio.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigSetRequest, _vagrant_server_pb2.ConfigSetResponse]  # type: ignore[assignment]
+    """Set config variables (Waypoint's ConfigSet, with the seed's messages):
+    scoped to a basis, project or target (by resource_id) or to runners (any,
+    or one by id). An empty value deletes the variable. Connected runners get
+    their new set at once when a runner-scoped variable changes.
+    """
+    ConfigGet: _aio.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]  # type: ignore[assignment]
+    """Get the config variables of one scope whose names start with `prefix`.
+    For a runner id: those for any runner, then its own (which win), by name.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -70,5 +91,27 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.DeleteResponse, _abc.Awaitable[_admin_pb2.DeleteResponse]]:
         """Delete a project with its targets."""
+
+    @_abc_1.abstractmethod
+    def ConfigSet(
+        self,
+        request: _vagrant_server_pb2.ConfigSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vagrant_server_pb2.ConfigSetResponse, _abc.Awaitable[_vagrant_server_pb2.ConfigSetResponse]]:
+        """Set config variables (Waypoint's ConfigSet, with the seed's messages):
+        scoped to a basis, project or target (by resource_id) or to runners (any,
+        or one by id). An empty value deletes the variable. Connected runners get
+        their new set at once when a runner-scoped variable changes.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfigGet(
+        self,
+        request: _vagrant_server_pb2.ConfigGetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vagrant_server_pb2.ConfigGetResponse, _abc.Awaitable[_vagrant_server_pb2.ConfigGetResponse]]:
+        """Get the config variables of one scope whose names start with `prefix`.
+        For a runner id: those for any runner, then its own (which win), by name.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,314 @@
+"""The job engine: queueing, assignment, timers and watching, protocol-free.
+
+The database decides (every transition is a transaction in
+waystation.store.jobs); this module decides *when* to ask it:
+
+- Assignment: a runner waiting for work parks a Waiter. Queueing a job wakes
+  one fitting waiter, which runs the assign transaction; a waiter that got a
+  job wakes the next one, so a burst of jobs spreads over idle runners. Every
+  poll interval waiters look again anyway (work queued by another replica).
+- Timers: ack, heartbeat and expiry deadlines are columns; one loop sleeps
+  until the earliest and fires whatever is due, after a restart too.
+- Watching: the Feed wakes followers of a job; OutputLogs share output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from google.rpc import status_pb2
+
+from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
+from waystation.engine.output import OutputLog, OutputWriter, Terminal
+from waystation.engine.rules import Timeouts, now_us, to_us
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.store import Store
+from waystation.store import jobs as job_tx
+from waystation.store import runners as runner_tx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Waiter:
+    runner_id: str  # lowercased
+    by_id_only: bool
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class JobEngine:
+    def __init__(self, store: Store, timeouts: Timeouts | None = None) -> None:
+        self.store = store
+        self.db = store.db
+        self.timeouts = timeouts or Timeouts()
+        self.feed = Feed()
+        self._waiters: list[Waiter] = []
+        self._logs: dict[str, OutputLog] = {}
+        self._connected: dict[str, int] = {}  # runner id -> open config streams here
+        self._timer_wake = asyncio.Event()
+        self._next_timer: float | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._timer_loop(), name="engine-timers"),
+            asyncio.create_task(self._housekeeping_loop(), name="engine-housekeeping"),
+            asyncio.create_task(self._prune_loop(), name="engine-prune"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # -- queue ---------------------------------------------------------------
+
+    async def queue(self, job: vs.Job, expires_in: float | None) -> str:
+        expiry = to_us(expires_in) if expires_in is not None else None
+        job_id = await self.db.write(job_tx.job_queue, job, now_us(), expiry)
+        runner = job.target_runner.id.id.lower() if job.target_runner.HasField("id") else None
+        self._wake_for(runner)
+        if expires_in is not None:
+            self._arm(expires_in)
+        return job_id
+
+    async def cancel(self, job_id: str) -> job_tx.CancelOutcome:
+        outcome, job = await self.db.write(job_tx.job_cancel, job_id, now_us())
+        if outcome is not job_tx.CancelOutcome.NOTHING:
+            self.feed.publish(job_topic(job_id))
+        if outcome is job_tx.CancelOutcome.FORCED:
+            self._wake_from_db_soon()  # its scope is free
+        return outcome
+
+    async def get(self, job_id: str) -> vs.Job:
+        return await self.db.read(job_tx.job_get, job_id)
+
+    async def list(self) -> list[vs.Job]:
+        return await self.db.read(job_tx.job_list)
+
+    async def prune(self, keep: int) -> int:
+        return await self.db.write(job_tx.jobs_prune, keep)
+
+    async def assignable(self, job: vs.Job) -> bool:
+        runner = job.target_runner.id.id if job.target_runner.HasField("id") else None
+        return await self.db.read(runner_tx.runner_assignable, runner, now_us())
+
+    # -- runners -------------------------------------------------------------
+
+    async def runner_connected(self, runner: vs.Runner) -> None:
+        lease = to_us(self.timeouts.runner_lease)
+        await self.db.write(runner_tx.runner_register, runner, now_us(), lease)
+        rid = runner.id.lower()
+        self._connected[rid] = self._connected.get(rid, 0) + 1
+
+    async def runner_disconnected(self, runner_id: str) -> None:
+        rid = runner_id.lower()
+        self._connected[rid] -= 1
+        if self._connected[rid] <= 0:
+            del self._connected[rid]
+            await self.db.write(runner_tx.runner_offline, rid, now_us())
+
+    async def config_changed(self) -> None:
+        self.feed.publish(CONFIG_TOPIC)
+
+    async def next_job(self, runner: vs.Runner) -> vs.Job:
+        """Block until a job is assigned to this runner (it is then WAITING)."""
+        waiter = Waiter(runner.id.lower(), runner.by_id_only)
+        self._waiters.append(waiter)
+        ack_timeout = to_us(self.timeouts.ack)
+        try:
+            while True:
+                waiter.wake.clear()  # before looking, so no wake-up is lost
+                job = await self.db.write(
+                    job_tx.job_assign, waiter.runner_id, waiter.by_id_only, now_us(), ack_timeout
+                )
+                if job is not None:
+                    self._arm(self.timeouts.ack)
+                    self.feed.publish(job_topic(job.id))
+                    self._wake_for(None)  # there may be more: pass it on
+                    return job
+                await wait(waiter.wake, self.timeouts.poll)
+        finally:
+            self._waiters.remove(waiter)
+
+    async def ack(self, job_id: str, runner_id: str) -> vs.Job:
+        job = await self.db.write(
+            job_tx.job_ack, job_id, runner_id, now_us(), to_us(self.timeouts.heartbeat)
+        )
+        self._arm(self.timeouts.heartbeat)
+        self.feed.publish(job_topic(job_id))
+        return job
+
+    async def nack(self, job_id: str, runner_id: str) -> None:
+        if await self.db.write(job_tx.job_nack, job_id, runner_id):
+            self.feed.publish(job_topic(job_id))
+            self._wake_for(None)
+            self._wake_from_db_soon()
+
+    async def heartbeat(self, job_id: str, runner_id: str) -> bool:
+        return await self.db.write(
+            job_tx.job_heartbeat, job_id, runner_id, now_us(), to_us(self.timeouts.heartbeat)
+        )
+
+    async def complete(
+        self,
+        job_id: str,
+        runner_id: str,
+        result: vs.Job.Result | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> vs.Job:
+        job = await self.db.write(job_tx.job_complete, job_id, runner_id, now_us(), result, error)
+        self.feed.publish(job_topic(job_id))
+        self._wake_from_db_soon()
+        return job
+
+    # -- output --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def output(self, job_id: str) -> AsyncIterator[OutputLog]:
+        """The job's shared output log, loaded from the store on first use."""
+        output = self._logs.get(job_id)
+        if output is None:
+            output = OutputLog(job_id, 0)
+            self._logs[job_id] = output
+        output.refs += 1
+        try:
+            await output.refresh(self.db)
+            yield output
+        finally:
+            output.refs -= 1
+            if output.refs == 0:
+                del self._logs[job_id]
+
+    @contextlib.asynccontextmanager
+    async def output_writer(self, job_id: str) -> AsyncIterator[OutputAppender]:
+        async with self.output(job_id) as output:
+            output.local_writer = True
+            writer = OutputWriter(self.db, output)
+            try:
+                yield OutputAppender(self, output, writer)
+            finally:
+                await writer.flush()
+                output.local_writer = False
+
+    # -- loops ---------------------------------------------------------------
+
+    def _arm(self, delay: float) -> None:
+        """A deadline `delay` seconds from now exists: wake the timer loop in time."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._next_timer is None or due < self._next_timer:
+            self._next_timer = due
+            self._timer_wake.set()
+
+    async def _timer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._fire_timers()
+                deadline = await self.db.read(job_tx.jobs_next_deadline)
+            except Exception:
+                log.exception("timer pass failed; retrying")
+                deadline = None
+            delay = self.timeouts.poll
+            if deadline is not None:
+                delay = min(delay, max(0.0, (deadline - now_us()) / 1e6) + 0.001)
+            self._next_timer = loop.time() + delay
+            self._timer_wake.clear()
+            await wait(self._timer_wake, delay)
+            self._next_timer = None
+
+    async def _fire_timers(self) -> None:
+        fired = await self.db.write(job_tx.jobs_fire_timers, now_us())
+        if not fired:
+            return
+        for job_id in (*fired.expired, *fired.requeued, *fired.timed_out):
+            self.feed.publish(job_topic(job_id))
+        if fired.requeued or fired.timed_out or fired.expired:
+            await self._wake_from_db()
+        if fired.timed_out:
+            log.warning("jobs ended by the heartbeat timeout: %s", ", ".join(fired.timed_out))
+        if fired.requeued:
+            log.info("jobs requeued after the ack timeout: %s", ", ".join(fired.requeued))
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeouts.poll)
+            try:
+                if self._connected:
+                    lease = to_us(self.timeouts.runner_lease)
+                    await self.db.write(
+                        runner_tx.runners_renew, list(self._connected), now_us(), lease
+                    )
+                if self._waiters:
+                    await self._wake_from_db()
+            except Exception:
+                log.exception("housekeeping pass failed")
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeouts.prune_interval)
+            try:
+                pruned = await self.prune(self.timeouts.prune_keep)
+                if pruned:
+                    log.info("pruned %d old jobs", pruned)
+            except Exception:
+                log.exception("background prune failed")
+
+    # -- wake-ups ------------------------------------------------------------
+
+    def _wake_for(self, runner_id: str | None) -> None:
+        """Wake one idle waiter that may take a job aimed at `runner_id` (None: any)."""
+        for waiter in self._waiters:
+            if waiter.wake.is_set():
+                continue
+            if waiter.runner_id == runner_id or (runner_id is None and not waiter.by_id_only):
+                waiter.wake.set()
+                return
+
+    async def _wake_from_db(self) -> None:
+        """Wake waiters for whatever is queued: after a scope frees, and on polls."""
+        if not self._waiters:
+            return
+        for runner_id in await self.db.read(job_tx.jobs_queued_runner_ids):
+            self._wake_for(runner_id)
+
+    def _wake_from_db_soon(self) -> None:
+        if self._waiters:
+            task = asyncio.create_task(self._wake_from_db())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(_log_failure)
+
+
+@dataclass
+class OutputAppender:
+    """What a runner stream uses to add output to its job."""
+
+    engine: JobEngine
+    output: OutputLog
+    writer: OutputWriter
+
+    def append(self, batch: Terminal) -> None:
+        self.output.append(batch)
+        self.writer.notify()
+        self.engine.feed.publish(output_topic(self.output.job_id))
+        self.engine.feed.publish(OUTPUT_TOPIC)
+
+    async def flush(self) -> None:
+        await self.writer.flush()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background wake-up failed", exc_info=task.exception())

@@ -1,0 +1,94 @@
+"""Job output: one shared in-memory copy per job, however many watch it.
+
+A job's OutputLog holds its Terminal batches in order. The runner stream that
+produces them appends here (watchers see them at once) and an OutputWriter
+persists them in batches. Watchers of a job that runs elsewhere (another
+replica) or has finished read the persisted rows into the same shared log.
+The log lives while anyone holds it (the engine counts references).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.store import jobs as job_tx
+from waystation.store.database import Database
+
+log = logging.getLogger(__name__)
+
+Terminal = vs.GetJobStreamResponse.Terminal
+
+# How many batches one flush persists at most, and how long a batch may wait.
+FLUSH_BATCHES = 256
+FLUSH_SECONDS = 0.05
+
+
+class OutputLog:
+    def __init__(self, job_id: str, first_seq: int) -> None:
+        self.job_id = job_id
+        self.first_seq = first_seq  # seq of batches[0]
+        self.batches: list[Terminal] = []
+        self.refs = 0
+        self.local_writer = False
+
+    @property
+    def next_seq(self) -> int:
+        return self.first_seq + len(self.batches)
+
+    def append(self, batch: Terminal) -> int:
+        self.batches.append(batch)
+        return self.next_seq - 1
+
+    async def refresh(self, db: Database) -> None:
+        """Pull batches persisted by someone else (another replica, or a past run)."""
+        if self.local_writer:
+            return
+        while True:
+            rows = await db.read(job_tx.output_read, self.job_id, self.next_seq - 1)
+            for seq, data in rows:
+                if seq == self.next_seq:
+                    self.append(Terminal.FromString(data))
+            if len(rows) < 1000:
+                return
+
+
+class OutputWriter:
+    """Persists a local log's batches in the background, in groups."""
+
+    def __init__(self, db: Database, output: OutputLog) -> None:
+        self.db = db
+        self.output = output
+        self.persisted = output.next_seq
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    def notify(self) -> None:
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"output-{self.output.job_id}")
+
+    async def _run(self) -> None:
+        while self.persisted < self.output.next_seq:
+            await asyncio.sleep(FLUSH_SECONDS)  # let a group of batches gather
+            await self._flush_once()
+        self._task = None
+
+    async def _flush_once(self) -> None:
+        start = self.persisted - self.output.first_seq
+        pending = self.output.batches[start : start + FLUSH_BATCHES]
+        if not pending:
+            return
+        data = [b.SerializeToString() for b in pending]
+        await self.db.write(job_tx.output_append, self.output.job_id, self.persisted, data)
+        self.persisted += len(data)
+
+    async def flush(self) -> None:
+        """Persist everything appended so far (before the job may complete)."""
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+        while self.persisted < self.output.next_seq:
+            await self._flush_once()

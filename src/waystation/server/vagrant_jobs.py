@@ -1,0 +1,143 @@
+"""Vagrant RPCs for jobs: queue, validate, get, list, cancel, prune, watch, logs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from google.rpc import code_pb2, status_pb2
+from grpc import aio
+
+from waystation.engine.engine import JobEngine
+from waystation.engine.feed import OUTPUT_TOPIC, job_topic, output_topic, wait
+from waystation.engine.rules import FINAL
+from waystation.engine.validation import check_new_job, parse_expiry
+from waystation.errors import FailedPrecondition, WaystationError
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.server import logstream
+from waystation.server.errors import rpc, stream_rpc
+
+Ctx = aio.ServicerContext[Any, Any]
+StreamResponse = vs.GetJobStreamResponse
+
+
+class JobRPCs:
+    engine: JobEngine
+
+    @rpc
+    async def QueueJob(self, request: vs.QueueJobRequest, context: Ctx) -> vs.QueueJobResponse:
+        if not request.HasField("job"):
+            raise FailedPrecondition("job is required")
+        check_new_job(request.job)
+        expiry = parse_expiry(request.expires_in)
+        seconds = expiry.total_seconds() if expiry is not None else None
+        return vs.QueueJobResponse(job_id=await self.engine.queue(request.job, seconds))
+
+    @rpc
+    async def ValidateJob(
+        self, request: vs.ValidateJobRequest, context: Ctx
+    ) -> vs.ValidateJobResponse:
+        if not request.HasField("job"):
+            raise FailedPrecondition("job is required")
+        try:
+            check_new_job(request.job)
+        except WaystationError as exc:
+            error = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=exc.message)
+            return vs.ValidateJobResponse(valid=False, validation_error=error)
+        assignable = not request.disable_assign and await self.engine.assignable(request.job)
+        return vs.ValidateJobResponse(valid=True, assignable=assignable)
+
+    @rpc
+    async def GetJob(self, request: vs.GetJobRequest, context: Ctx) -> vs.Job:
+        if not request.job_id:
+            raise FailedPrecondition("job_id is required")
+        return await self.engine.get(request.job_id)
+
+    @rpc
+    async def _ListJobs(self, request: vs.ListJobsRequest, context: Ctx) -> vs.ListJobsResponse:
+        return vs.ListJobsResponse(jobs=await self.engine.list())
+
+    @rpc
+    async def CancelJob(self, request: vs.CancelJobRequest, context: Ctx) -> Empty:
+        if not request.job_id:
+            raise FailedPrecondition("job_id is required")
+        await self.engine.cancel(request.job_id)
+        return Empty()
+
+    @rpc
+    async def PruneOldJobs(self, request: Empty, context: Ctx) -> Empty:
+        await self.engine.prune(self.engine.timeouts.prune_rpc_keep)
+        return Empty()
+
+    @stream_rpc
+    async def GetJobStream(
+        self, request: vs.GetJobStreamRequest, context: Ctx
+    ) -> AsyncIterator[StreamResponse]:
+        """Open; State on every change; output (buffered, then live); Complete last."""
+        if not request.job_id:
+            raise FailedPrecondition("job_id is required")
+        job_id = request.job_id
+        job = await self.engine.get(job_id)  # NOT_FOUND before any message
+        yield StreamResponse(open=StreamResponse.Open())
+        feed = self.engine.feed
+        poll = self.engine.timeouts.poll
+        with feed.subscribe(job_topic(job_id), output_topic(job_id)) as wake:
+            async with self.engine.output(job_id) as output:
+                previous, canceling = vs.Job.UNKNOWN, False
+                seen_version, sent, buffered = -1, 0, True
+                looked_elsewhere = False
+                while True:
+                    wake.clear()
+                    version = feed.version(job_topic(job_id))
+                    if version != seen_version or looked_elsewhere:
+                        seen_version = version
+                        job = await self.engine.get(job_id)
+                    now_canceling = job.HasField("cancel_time")
+                    if job.state != previous or now_canceling != canceling:
+                        yield StreamResponse(
+                            state=StreamResponse.State(
+                                previous=previous,
+                                current=job.state,
+                                job=job,
+                                canceling=now_canceling,
+                            )
+                        )
+                        previous, canceling = job.state, now_canceling
+                    final = job.state in FINAL
+                    if final or looked_elsewhere:
+                        await output.refresh(self.engine.db)  # rows another server wrote
+                    index = sent - output.first_seq
+                    for batch in output.batches[index:]:
+                        yield StreamResponse(
+                            terminal=StreamResponse.Terminal(events=batch.events, buffered=buffered)
+                        )
+                    sent = output.next_seq
+                    buffered = False  # what was there on joining is the backlog
+                    if final:
+                        yield StreamResponse(
+                            complete=StreamResponse.Complete(error=job.error, result=job.result)
+                        )
+                        return
+                    looked_elsewhere = not await wait(wake, poll)
+
+    @stream_rpc
+    async def GetLogStream(
+        self, request: vs.GetLogStreamRequest, context: Ctx
+    ) -> AsyncIterator[vs.LogBatch]:
+        """The last `limit_backlog` lines of a scope's jobs, then new lines live."""
+        kind = request.WhichOneof("scope")
+        if kind is None:
+            raise FailedPrecondition("log stream scope (basis, project or target) is required")
+        limit = {0: 50}.get(request.limit_backlog, request.limit_backlog)
+        ref = getattr(request, kind)
+        follower = logstream.ScopeLog(self.engine.db, kind, ref)
+        with self.engine.feed.subscribe(OUTPUT_TOPIC) as wake:
+            backlog = await follower.backlog(None if limit < 0 else limit)
+            for batch in backlog:
+                yield batch
+            while True:
+                wake.clear()
+                await wait(wake, self.engine.timeouts.poll)
+                for batch in await follower.new_lines():
+                    yield batch

@@ -1,0 +1,178 @@
+"""Vagrant RPCs for runners: GetRunner, RunnerConfig, RunnerJobStream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from waystation.engine.engine import JobEngine, OutputAppender
+from waystation.engine.feed import CONFIG_TOPIC, job_topic, wait
+from waystation.engine.rules import FINAL, RUNNING
+from waystation.errors import FailedPrecondition
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.server.errors import rpc
+from waystation.store import runners as runner_tx
+
+log = logging.getLogger(__name__)
+
+Ctx = aio.ServicerContext[Any, Any]
+Request = vs.RunnerJobStreamRequest
+Response = vs.RunnerJobStreamResponse
+
+
+class RunnerRPCs:
+    engine: JobEngine
+
+    @rpc
+    async def GetRunner(self, request: vs.GetRunnerRequest, context: Ctx) -> vs.Runner:
+        if not request.runner_id:
+            raise FailedPrecondition("runner_id is required")
+        return await self.engine.db.read(runner_tx.runner_get, request.runner_id)
+
+    @rpc
+    async def RunnerConfig(
+        self, requests: AsyncIterator[vs.RunnerConfigRequest], context: Ctx
+    ) -> None:
+        """Register the runner, send its config now and after every change."""
+        first = await _first(requests)
+        if first is None or first.WhichOneof("event") != "open":
+            raise FailedPrecondition("first message must be an Open event")
+        runner = first.open.runner
+        await self.engine.runner_connected(runner)
+        try:
+            # The client sends nothing more; its stream ending means it left.
+            gone = asyncio.ensure_future(_drain(requests))
+            with self.engine.feed.subscribe(CONFIG_TOPIC) as changed:
+                while not gone.done():
+                    changed.clear()
+                    variables = await self.engine.db.read(runner_tx.runner_config, runner.id)
+                    config = vs.RunnerConfig(config_vars=variables)
+                    await context.write(vs.RunnerConfigResponse(config=config))
+                    waiting = asyncio.ensure_future(changed.wait())
+                    await asyncio.wait({gone, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                    waiting.cancel()
+        finally:
+            gone.cancel()
+            await asyncio.shield(self.engine.runner_disconnected(runner.id))
+
+    @rpc
+    async def RunnerJobStream(self, requests: AsyncIterator[Request], context: Ctx) -> None:
+        """One job per stream, step by step:
+
+        1. The runner sends Request{runner_id}; it must be a known runner.
+        2. We wait until a job is assigned to it (WAITING) and send Assignment.
+        3. The runner acks (RUNNING), or sends Error (a nack: the job is
+           requeued at once); anything else is a nack and an error.
+        4. While it runs: Terminal events are output, Heartbeat extends the
+           deadline; we send Cancel when the job is cancelled (force: the job
+           already ended, and we close the stream).
+        5. Complete or Error ends the job, after its output is persisted.
+        A stream that breaks before the ack requeues the job at once; after
+        the ack the job is left to the heartbeat timeout, as upstream.
+        """
+        first = await _first(requests)
+        if first is None or first.WhichOneof("event") != "request":
+            raise FailedPrecondition("first message must be a Request event")
+        runner = await self.engine.db.read(runner_tx.runner_get, first.request.runner_id)
+        runner_id = runner.id
+
+        # Step 2. If the client leaves while we wait, the wait is cancelled.
+        job = await self.engine.next_job(runner)
+        try:
+            await context.write(Response(assignment=Response.JobAssignment(job=job)))
+            # Step 3.
+            reply = await _first(requests)
+        except BaseException:
+            await asyncio.shield(self.engine.nack(job.id, runner_id))
+            raise
+        kind = reply.WhichOneof("event") if reply is not None else None
+        if kind != "ack":
+            await self.engine.nack(job.id, runner_id)
+            if kind in (None, "error"):
+                return
+            raise FailedPrecondition(f"ack expected, got: {kind}")
+        await self.engine.ack(job.id, runner_id)
+
+        # Steps 4 and 5.
+        async with self.engine.output_writer(job.id) as output:
+            ending = asyncio.Event()  # set once the runner itself ends the job
+            watcher = asyncio.ensure_future(self._watch_cancel(job.id, context, ending))
+            try:
+                await self._run(job.id, runner_id, requests, output, watcher, ending)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _run(
+        self,
+        job_id: str,
+        runner_id: str,
+        requests: AsyncIterator[Request],
+        output: OutputAppender,
+        watcher: asyncio.Future[None],
+        ending: asyncio.Event,
+    ) -> None:
+        reader = aiter(requests)
+        while True:
+            step: asyncio.Future[Any] = asyncio.ensure_future(anext(reader))
+            await asyncio.wait((step, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():  # force-cancelled: the job is over, stop listening
+                step.cancel()
+                return
+            try:
+                message = step.result()
+            except StopAsyncIteration:
+                await output.flush()
+                return  # runner went away; the heartbeat timeout will end the job
+            kind = message.WhichOneof("event")
+            if kind == "terminal":
+                output.append(message.terminal)
+            elif kind == "heartbeat":
+                await self.engine.heartbeat(job_id, runner_id)
+            elif kind == "complete":
+                ending.set()
+                await output.flush()
+                await self.engine.complete(job_id, runner_id, result=message.complete.result)
+                return
+            elif kind == "error":
+                ending.set()
+                await output.flush()
+                await self.engine.complete(job_id, runner_id, error=message.error.error)
+                return
+            else:
+                raise FailedPrecondition(f"unexpected event while running: {kind}")
+
+    async def _watch_cancel(self, job_id: str, context: Ctx, ending: asyncio.Event) -> None:
+        """Send Cancel when the job is cancelled; return once it was forced to end."""
+        signalled = False
+        with self.engine.feed.subscribe(job_topic(job_id)) as changed:
+            while not ending.is_set():
+                changed.clear()
+                job = await self.engine.get(job_id)
+                if ending.is_set():
+                    return
+                if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
+                    await context.write(Response(cancel=Response.JobCancel(force=True)))
+                    return
+                if job.state == RUNNING and job.HasField("cancel_time") and not signalled:
+                    await context.write(Response(cancel=Response.JobCancel(force=False)))
+                    signalled = True
+                await wait(changed, self.engine.timeouts.poll)
+
+
+async def _first(requests: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(aiter(requests))
+    except StopAsyncIteration:
+        return None
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    async for _ in requests:
+        pass

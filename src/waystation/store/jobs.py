@@ -1,0 +1,522 @@
+"""Job transactions: every transition of the state machine is one of these.
+
+The rules (waystation.engine.rules) are applied here, inside the transaction,
+with conditional UPDATEs (`... WHERE state = X`) so that a transition happens
+once even when two server replicas race for it. Assignment locks its
+candidate rows with FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite has one
+writer), and a partial unique index refuses a second held job per scope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import sqlalchemy as sa
+from google.rpc import status_pb2
+from sqlalchemy.engine import Connection, Row
+
+from waystation.engine import rules
+from waystation.engine.rules import ERROR, FINAL, HELD, QUEUED, RUNNING, SUCCESS, WAITING
+from waystation.errors import FailedPrecondition, NotFound
+from waystation.ids import new_id
+from waystation.protocol import plugin_pb2 as sdk
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.store import resources
+from waystation.store.schema import bases, job_output, jobs, projects
+
+# -- queue -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scope:
+    basis_id: str | None = None
+    project_id: str | None = None
+    target_id: str | None = None
+
+
+def resolve_scope(conn: Connection, job: vs.Job) -> Scope:
+    """The resource ids a job acts on; the scope must exist if one is given."""
+    which = job.WhichOneof("scope")
+    if which == "target":
+        target = resources.target_find(
+            conn,
+            vs.Target(
+                resource_id=job.target.resource_id, name=job.target.name, project=job.target.project
+            ),
+        )
+        owner = target.project
+        return Scope(owner.basis.resource_id, owner.resource_id, target.resource_id)
+    if which == "project":
+        ref = job.project
+        project = resources.project_find(
+            conn,
+            vs.Project(resource_id=ref.resource_id, name=ref.name, path=ref.path, basis=ref.basis),
+        )
+        return Scope(project.basis.resource_id, project.resource_id, None)
+    if which == "basis":
+        ref_b = job.basis
+        basis = resources.basis_find(
+            conn, vs.Basis(resource_id=ref_b.resource_id, name=ref_b.name, path=ref_b.path)
+        )
+        return Scope(basis.resource_id, None, None)
+    return Scope()
+
+
+def job_queue(conn: Connection, job: vs.Job, now: int, expires_in: int | None) -> str:
+    """Persist a validated job as QUEUED; return its new id."""
+    try:
+        scope = resolve_scope(conn, job)
+    except NotFound as exc:
+        raise FailedPrecondition(f"job scope does not exist: {exc.message}") from None
+    stored = vs.Job()
+    stored.CopyFrom(job)
+    _fill_data_source(conn, stored, scope)
+    # Server-side fields are the row's columns; the client's values are ignored.
+    for field in _SERVER_FIELDS:
+        stored.ClearField(field)
+    job_id = new_id()
+    stored.id = job_id
+    operation = job.WhichOneof("operation") or ""
+    runner_id = job.target_runner.id.id.lower() if job.target_runner.HasField("id") else None
+    conn.execute(
+        sa.insert(jobs).values(
+            id=job_id,
+            state=QUEUED,
+            operation=operation,
+            scope_key=rules.serialization_key(
+                operation, scope.basis_id, scope.project_id, scope.target_id
+            ),
+            basis_id=scope.basis_id,
+            project_id=scope.project_id,
+            target_id=scope.target_id,
+            runner_id=runner_id,
+            queue_time=now,
+            expire_time=now + expires_in if expires_in is not None else None,
+            data=stored.SerializeToString(deterministic=True),
+        )
+    )
+    return job_id
+
+
+_SERVER_FIELDS: tuple[
+    Literal[
+        "state",
+        "assigned_runner",
+        "queue_time",
+        "assign_time",
+        "ack_time",
+        "complete_time",
+        "error",
+        "result",
+        "cancel_time",
+        "expire_time",
+    ],
+    ...,
+] = (
+    "state",
+    "assigned_runner",
+    "queue_time",
+    "assign_time",
+    "ack_time",
+    "complete_time",
+    "error",
+    "result",
+    "cancel_time",
+    "expire_time",
+)
+
+
+def _fill_data_source(conn: Connection, job: vs.Job, scope: Scope) -> None:
+    """Upstream: a job without a data source takes its project's (or basis') default."""
+    if job.HasField("data_source"):
+        return
+    for table, record_id, message in (
+        (projects, scope.project_id, vs.Project),
+        (bases, scope.basis_id, vs.Basis),
+    ):
+        if record_id is None:
+            continue
+        data = conn.execute(
+            sa.select(table.c.data).where(table.c.resource_id == record_id)
+        ).scalar()
+        if data is not None:
+            record = message.FromString(data)
+            if record.HasField("data_source"):
+                job.data_source.CopyFrom(record.data_source)
+                return
+
+
+# -- assign, ack, nack -------------------------------------------------------------
+
+
+def job_assign(
+    conn: Connection, runner_id: str, by_id_only: bool, now: int, ack_timeout: int
+) -> vs.Job | None:
+    """Give the runner the oldest QUEUED job it may run, now WAITING; None if none."""
+    rid = runner_id.lower()
+    target = jobs.c.runner_id == rid
+    if not by_id_only:
+        target = sa.or_(target, jobs.c.runner_id.is_(None))
+    held = jobs.alias("held")
+    not_blocked = sa.or_(
+        jobs.c.scope_key.is_(None),
+        ~sa.exists().where(held.c.scope_key == jobs.c.scope_key, held.c.state.in_(HELD)),
+    )
+    candidates = conn.execute(
+        sa.select(jobs.c.id)
+        .where(jobs.c.state == QUEUED, target, not_blocked)
+        .order_by(jobs.c.queue_time, jobs.c.id)
+        .limit(8)
+        .with_for_update(skip_locked=True)
+    ).scalars()
+    for job_id in candidates:
+        savepoint = conn.begin_nested()
+        try:
+            taken = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+                .values(
+                    state=WAITING,
+                    assigned_runner=rid,
+                    assign_time=now,
+                    ack_deadline=now + ack_timeout,
+                )
+            ).rowcount
+        except sa.exc.IntegrityError:
+            savepoint.rollback()  # another replica took this job's scope just now
+            continue
+        savepoint.commit()
+        if taken:
+            return job_get(conn, job_id)
+    return None
+
+
+def job_ack(
+    conn: Connection, job_id: str, runner_id: str, now: int, heartbeat_timeout: int
+) -> vs.Job:
+    updated = conn.execute(
+        sa.update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.state == WAITING,
+            jobs.c.assigned_runner == runner_id.lower(),
+        )
+        .values(
+            state=RUNNING,
+            ack_time=now,
+            ack_deadline=None,
+            heartbeat_deadline=now + heartbeat_timeout,
+        )
+    ).rowcount
+    if not updated:
+        raise FailedPrecondition("job is no longer assigned to this runner")
+    return job_get(conn, job_id)
+
+
+def job_nack(conn: Connection, job_id: str, runner_id: str) -> bool:
+    """Back to QUEUED for another runner; False if it was not WAITING on this runner."""
+    return bool(
+        conn.execute(
+            sa.update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.state == WAITING,
+                jobs.c.assigned_runner == runner_id.lower(),
+            )
+            .values(_REQUEUE)
+        ).rowcount
+    )
+
+
+_REQUEUE = {
+    "state": QUEUED,
+    "assigned_runner": None,
+    "assign_time": None,
+    "ack_deadline": None,
+    "heartbeat_deadline": None,
+}
+
+
+# -- running ---------------------------------------------------------------------
+
+
+def job_heartbeat(
+    conn: Connection, job_id: str, runner_id: str, now: int, heartbeat_timeout: int
+) -> bool:
+    """Extend the heartbeat deadline; False if the job is no longer running here."""
+    return bool(
+        conn.execute(
+            sa.update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.state == RUNNING,
+                jobs.c.assigned_runner == runner_id.lower(),
+            )
+            .values(heartbeat_deadline=now + heartbeat_timeout)
+        ).rowcount
+    )
+
+
+def job_complete(
+    conn: Connection,
+    job_id: str,
+    runner_id: str,
+    now: int,
+    result: vs.Job.Result | None,
+    error: status_pb2.Status | None,
+) -> vs.Job:
+    """RUNNING -> SUCCESS with a result, or ERROR with an error."""
+    row = _row(conn, job_id, lock=True)
+    if row.assigned_runner != runner_id.lower():
+        raise FailedPrecondition("job is not assigned to this runner")
+    if not rules.can_complete(row.state):
+        raise FailedPrecondition(
+            f"job can't be completed from state: {rules.state_name(row.state)}"
+        )
+    values: dict[str, object] = {
+        "state": ERROR if error is not None else SUCCESS,
+        "complete_time": now,
+        "ack_deadline": None,
+        "heartbeat_deadline": None,
+    }
+    if error is not None:
+        values["error"] = error.SerializeToString()
+    if result is not None:
+        values["result"] = result.SerializeToString()
+    conn.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == RUNNING).values(values))
+    return job_get(conn, job_id)
+
+
+def _end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: int) -> bool:
+    return bool(
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state.in_(states))
+            .values(
+                state=ERROR,
+                complete_time=now,
+                cancel_time=sa.func.coalesce(jobs.c.cancel_time, now),
+                error=rules.cancelled_status().SerializeToString(),
+                ack_deadline=None,
+                heartbeat_deadline=None,
+            )
+        ).rowcount
+    )
+
+
+# -- cancel ----------------------------------------------------------------------
+
+
+class CancelOutcome(Enum):
+    NOTHING = "nothing"  # already finished
+    ENDED = "ended"  # was QUEUED: ERROR at once
+    SIGNALLED = "signalled"  # held by a runner: asked to stop
+    FORCED = "forced"  # second cancel: ERROR at once, runner told to stop now
+
+
+def job_cancel(conn: Connection, job_id: str, now: int) -> tuple[CancelOutcome, vs.Job]:
+    row = _row(conn, job_id, lock=True)
+    if row.state in FINAL:
+        outcome = CancelOutcome.NOTHING
+    elif row.state == QUEUED:
+        _end_with_error(conn, job_id, (QUEUED,), now)
+        outcome = CancelOutcome.ENDED
+    elif row.cancel_time is None:
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(cancel_time=now))
+        outcome = CancelOutcome.SIGNALLED
+    else:
+        _end_with_error(conn, job_id, HELD, now)
+        outcome = CancelOutcome.FORCED
+    return outcome, job_get(conn, job_id)
+
+
+# -- timers ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fired:
+    expired: list[str]  # QUEUED or WAITING past expire_time: now ERROR
+    requeued: list[str]  # WAITING past the ack deadline: QUEUED again
+    timed_out: list[str]  # RUNNING past the heartbeat deadline: ERROR
+
+    def __bool__(self) -> bool:
+        return bool(self.expired or self.requeued or self.timed_out)
+
+
+def jobs_fire_timers(conn: Connection, now: int) -> Fired:
+    def due(column: sa.Column[int], states: tuple[int, ...]) -> list[str]:
+        return list(
+            conn.execute(
+                sa.select(jobs.c.id)
+                .where(column <= now, jobs.c.state.in_(states))
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+
+    expired = [
+        j
+        for j in due(jobs.c.expire_time, (QUEUED, WAITING))
+        if _end_with_error(conn, j, (QUEUED, WAITING), now)
+    ]
+    requeued = []
+    for job_id in due(jobs.c.ack_deadline, (WAITING,)):
+        if conn.execute(
+            sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == WAITING).values(_REQUEUE)
+        ).rowcount:
+            requeued.append(job_id)
+    timed_out = [
+        j
+        for j in due(jobs.c.heartbeat_deadline, (RUNNING,))
+        if _end_with_error(conn, j, (RUNNING,), now)
+    ]
+    return Fired(expired, requeued, timed_out)
+
+
+def jobs_next_deadline(conn: Connection) -> int | None:
+    """The earliest moment a timer is due, or None if no timer is armed."""
+    candidates = [
+        conn.execute(
+            sa.select(sa.func.min(jobs.c.expire_time)).where(jobs.c.state.in_((QUEUED, WAITING)))
+        ).scalar(),
+        conn.execute(
+            sa.select(sa.func.min(jobs.c.ack_deadline)).where(jobs.c.state == WAITING)
+        ).scalar(),
+        conn.execute(
+            sa.select(sa.func.min(jobs.c.heartbeat_deadline)).where(jobs.c.state == RUNNING)
+        ).scalar(),
+    ]
+    present = [c for c in candidates if c is not None]
+    return min(present) if present else None
+
+
+# -- read ------------------------------------------------------------------------
+
+
+def job_get(conn: Connection, job_id: str) -> vs.Job:
+    return _message(_row(conn, job_id))
+
+
+def job_list(conn: Connection) -> list[vs.Job]:
+    return [_message(r) for r in conn.execute(sa.select(jobs).order_by(jobs.c.id))]
+
+
+def jobs_queued_runner_ids(conn: Connection) -> set[str | None]:
+    """Which runners (None: any) have QUEUED work: the cheap poll for wake-ups."""
+    rows = conn.execute(sa.select(jobs.c.runner_id).where(jobs.c.state == QUEUED).distinct())
+    return set(rows.scalars())
+
+
+def _row(conn: Connection, job_id: str, *, lock: bool = False) -> Row[tuple[object, ...]]:
+    query = sa.select(jobs).where(jobs.c.id == job_id)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        raise NotFound("job not found")
+    return row
+
+
+def _message(row: Row[tuple[object, ...]]) -> vs.Job:
+    job = vs.Job.FromString(row.data)
+    job.state = row.state
+    if row.assigned_runner:
+        job.assigned_runner.id = row.assigned_runner
+    for column in (
+        "queue_time",
+        "assign_time",
+        "ack_time",
+        "complete_time",
+        "cancel_time",
+        "expire_time",
+    ):
+        value = getattr(row, column)
+        if value is not None:
+            getattr(job, column).FromMicroseconds(value)
+    if row.error is not None:
+        job.error.ParseFromString(row.error)
+    if row.result is not None:
+        job.result.ParseFromString(row.result)
+    return job
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def output_append(conn: Connection, job_id: str, first_seq: int, batches: list[bytes]) -> None:
+    conn.execute(
+        sa.insert(job_output),
+        [{"job_id": job_id, "seq": first_seq + i, "data": b} for i, b in enumerate(batches)],
+    )
+
+
+def output_read(
+    conn: Connection, job_id: str, after_seq: int = -1, limit: int = 1000
+) -> list[tuple[int, bytes]]:
+    rows = conn.execute(
+        sa.select(job_output.c.seq, job_output.c.data)
+        .where(job_output.c.job_id == job_id, job_output.c.seq > after_seq)
+        .order_by(job_output.c.seq)
+        .limit(limit)
+    )
+    return [(r.seq, r.data) for r in rows]
+
+
+def output_next_seq(conn: Connection, job_id: str) -> int:
+    last = conn.execute(
+        sa.select(sa.func.max(job_output.c.seq)).where(job_output.c.job_id == job_id)
+    ).scalar()
+    return 0 if last is None else last + 1
+
+
+# -- prune -----------------------------------------------------------------------
+
+
+def jobs_prune(conn: Connection, keep: int) -> int:
+    """Delete all but the newest `keep` finished jobs (and their output)."""
+    newest = (
+        sa.select(jobs.c.id)
+        .where(jobs.c.state.in_(FINAL))
+        .order_by(jobs.c.complete_time.desc(), jobs.c.id.desc())
+        .limit(keep)
+    )
+    doomed = sa.select(jobs.c.id).where(jobs.c.state.in_(FINAL), jobs.c.id.not_in(newest))
+    conn.execute(sa.delete(job_output).where(job_output.c.job_id.in_(doomed)))
+    return conn.execute(
+        sa.delete(jobs).where(jobs.c.state.in_(FINAL), jobs.c.id.not_in(newest))
+    ).rowcount
+
+
+# -- logs by scope -----------------------------------------------------------------
+
+ScopeRef = sdk.Ref.Basis | sdk.Ref.Project | sdk.Ref.Target
+
+
+def scope_output(
+    conn: Connection, kind: str, ref: ScopeRef, cursor: dict[str, int], since: int | None
+) -> list[tuple[str, int, bytes]]:
+    """Output rows of a scope's jobs past `cursor` (job id -> last seq read), in order.
+
+    With `since` (microseconds), only jobs still active or finished after it
+    are looked at: older ones cannot have new output.
+    """
+    job = vs.Job()
+    getattr(job, kind).CopyFrom(ref)
+    try:
+        scope = resolve_scope(conn, job)
+    except (NotFound, FailedPrecondition):
+        raise NotFound(f"log stream {kind} not found") from None
+    column, value = {
+        "basis": (jobs.c.basis_id, scope.basis_id),
+        "project": (jobs.c.project_id, scope.project_id),
+        "target": (jobs.c.target_id, scope.target_id),
+    }[kind]
+    query = sa.select(jobs.c.id).where(column == value).order_by(jobs.c.queue_time, jobs.c.id)
+    if since is not None:
+        query = query.where(sa.or_(jobs.c.complete_time.is_(None), jobs.c.complete_time >= since))
+    rows: list[tuple[str, int, bytes]] = []
+    for job_id in conn.execute(query).scalars():
+        for seq, data in output_read(conn, job_id, cursor.get(job_id, -1), limit=100_000):
+            rows.append((job_id, seq, data))
+    return rows
