@@ -16,11 +16,11 @@ import psycopg
 import pytest
 from grpc import aio
 
-from waystation.config import ServerSettings
+from waystation.config import ServerSettings, sqlite_url
+from waystation.engine.rules import Timeouts
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer, start
-from waystation.store.database import sqlite_url
 
 POSTGRES_URL = os.environ.get("WAYSTATION_TEST_POSTGRES_URL", "")
 
@@ -64,9 +64,19 @@ class postgres_schema:
 
 
 @pytest.fixture
-def settings(backend_url: str, tmp_path: Path) -> ServerSettings:
+def timeouts() -> Timeouts:
+    """Engine timeouts for tests; a module overrides this fixture to shrink one."""
+    return Timeouts(poll=0.25)
+
+
+@pytest.fixture
+def settings(backend_url: str, tmp_path: Path, timeouts: Timeouts) -> ServerSettings:
     return ServerSettings(
-        listen="127.0.0.1:0", data_dir=tmp_path / "data", db_url=backend_url, shutdown_grace=1
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        db_url=backend_url,
+        shutdown_grace=1,
+        timeouts=timeouts,
     )
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 import platformdirs
 
 from waystation.engine.rules import Timeouts
-from waystation.store.database import sqlite_url
 
 DEFAULT_LISTEN = "127.0.0.1:9701"
 DEFAULT_ADDRESS = DEFAULT_LISTEN
 # gRPC's default receive limit, stated so that it is one setting everywhere.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
 
 
 def default_data_dir() -> Path:

@@ -5,21 +5,24 @@ Factories always build valid records; pass only what a test is about.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import status_pb2
 from grpc import aio
 
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 
 _seq = itertools.count(1)
 
@@ -126,3 +129,148 @@ class ServerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def noop_job(runner_id: str | None = None, **fields: Any) -> vs.Job:
+    """A valid job: a Noop for any runner, or for the given runner id."""
+    runner = (
+        vs.Ref.Runner(id=vs.Ref.RunnerId(id=runner_id))
+        if runner_id
+        else vs.Ref.Runner(any=vs.Ref.RunnerAny())
+    )
+    fields.setdefault("noop", vs.Job.Noop())
+    return vs.Job(target_runner=runner, **fields)
+
+
+def command_job(target: sdk.Ref.Target, command: str = "up", **fields: Any) -> vs.Job:
+    return vs.Job(
+        target=target,
+        target_runner=vs.Ref.Runner(any=vs.Ref.RunnerAny()),
+        command=vs.Job.CommandOp(command=command),
+        **fields,
+    )
+
+
+def lines_event(*lines: str) -> vs.GetJobStreamResponse.Terminal:
+    Terminal = vs.GetJobStreamResponse.Terminal
+    return Terminal(events=[Terminal.Event(line=Terminal.Event.Line(msg=m)) for m in lines])
+
+
+class FakeRunner:
+    """A scripted runner speaking the real protocol over a real channel.
+
+    `await register()` opens its RunnerConfig stream (kept open, as a real
+    runner does); `job_stream()` opens one RunnerJobStream.
+    """
+
+    def __init__(self, channel: aio.Channel, runner_id: str, by_id_only: bool = False) -> None:
+        self.stub = vs_grpc.VagrantStub(channel)
+        self.runner = vs.Runner(id=runner_id, by_id_only=by_id_only)
+        self.config_call: Any = None
+        self.configs: list[vs.RunnerConfig] = []
+
+    async def register(self) -> vs.RunnerConfig:
+        open_ = vs.RunnerConfigRequest(open=vs.RunnerConfigRequest.Open(runner=self.runner))
+        queue: asyncio.Queue[vs.RunnerConfigRequest | None] = asyncio.Queue()
+        await queue.put(open_)
+
+        async def requests() -> AsyncIterator[vs.RunnerConfigRequest]:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        self._config_queue = queue
+        self.config_call = self.stub.RunnerConfig(requests())
+        return await self.next_config()
+
+    async def next_config(self) -> vs.RunnerConfig:
+        response = await self.config_call.read()
+        self.configs.append(response.config)
+        return response.config  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        if self.config_call is not None:
+            await self._config_queue.put(None)
+            self.config_call.cancel()
+
+    def job_stream(self) -> JobStream:
+        return JobStream(self.stub, self.runner.id)
+
+
+class JobStream:
+    Req = vs.RunnerJobStreamRequest
+
+    def __init__(self, stub: Any, runner_id: str) -> None:
+        self.call = stub.RunnerJobStream()
+        self.runner_id = runner_id
+
+    async def send(self, **event: Any) -> None:
+        await self.call.write(self.Req(**event))
+
+    async def request(self) -> None:
+        await self.send(request=self.Req.Request(runner_id=self.runner_id))
+
+    async def assignment(self, timeout: float = 30) -> vs.Job:
+        response = await asyncio.wait_for(self.call.read(), timeout)
+        assert response.WhichOneof("event") == "assignment", response
+        return response.assignment.job  # type: ignore[no-any-return]
+
+    async def take(self, timeout: float = 30) -> vs.Job:
+        """Request, receive an assignment and ack it."""
+        await self.request()
+        job = await self.assignment(timeout)
+        await self.send(ack=self.Req.Ack())
+        return job
+
+    async def output(self, *lines: str) -> None:
+        await self.send(terminal=lines_event(*lines))
+
+    async def heartbeat(self) -> None:
+        await self.send(heartbeat=self.Req.Heartbeat())
+
+    async def complete(self, result: vs.Job.Result | None = None) -> None:
+        await self.send(complete=self.Req.Complete(result=result))
+        await self.call.done_writing()
+
+    async def fail(self, message: str = "it broke", code: int = 2) -> None:
+        await self.send(error=self.Req.Error(error=status_pb2.Status(code=code, message=message)))
+        await self.call.done_writing()
+
+    async def read(self, timeout: float = 30) -> Any:
+        return await asyncio.wait_for(self.call.read(), timeout)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def watch(stub: Any, job_id: str, timeout: float = 60) -> list[vs.GetJobStreamResponse]:
+    """Every GetJobStream event of a job until the stream ends."""
+    events: list[vs.GetJobStreamResponse] = []
+
+    async def collect() -> None:
+        async for event in stub.GetJobStream(vs.GetJobStreamRequest(job_id=job_id)):
+            events.append(event)
+
+    await asyncio.wait_for(collect(), timeout)
+    return events
+
+
+def terminal_lines(events: list[vs.GetJobStreamResponse]) -> list[str]:
+    return [
+        e.line.msg
+        for event in events
+        if event.WhichOneof("event") == "terminal"
+        for e in event.terminal.events
+        if e.WhichOneof("event") == "line"
+    ]
+
+
+async def wait_for_state(stub: Any, job_id: str, state: int, timeout: float = 30) -> vs.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await stub.GetJob(vs.GetJobRequest(job_id=job_id))
+        if job.state == state:
+            return job  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            name = vs.Job.State.Name(job.state)
+            raise AssertionError(f"job {job_id} is {name}, not {vs.Job.State.Name(state)}")  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from waystation.config import MAX_MESSAGE_BYTES
 
-out = Console(highlight=False, soft_wrap=True)
+# Piped output is not cut to 80 columns: scripts and pagers get whole values.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Req = TypeVar("Req", bound=Message)
@@ -69,7 +72,7 @@ def rpc_errors(ctx: Context) -> Iterator[None]:
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    err.print(Text.assemble(("error:", "red"), " ", message))
     raise typer.Exit(1)
 
 
@@ -88,9 +91,9 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: st
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column.upper())
+        table.add_column(column.upper(), overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # values are data, never markup
     out.print(table)
 
 
@@ -98,7 +101,7 @@ def print_record(message: Message) -> None:
     """A record as `field: value` lines; nested messages as compact JSON."""
     for key, value in to_dict(message).items():
         shown = value if isinstance(value, str) else json.dumps(value)
-        out.print(f"[bold]{key}[/bold]: {shown}", markup=True)
+        out.print(Text.assemble((key, "bold"), ": ", shown))
 
 
 def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:

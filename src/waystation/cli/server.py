@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir
-from waystation.server.app import serve
 
 app = typer.Typer(help="Run the waystation server.", no_args_is_help=True)
 
@@ -55,6 +54,8 @@ def run(
     settings = ServerSettings(
         listen=listen, data_dir=data_dir or default_data_dir(), db_url=db or None, fsync=fsync
     )
+    from waystation.server.app import serve  # the CLI's other commands need no server code
+
     try:
         asyncio.run(serve(settings))
     except OSError as exc:

@@ -188,8 +188,13 @@ ProjectOpt = Annotated[str, typer.Option("--project", "-p", help="Its project: n
 STATES = [v.name for v in vs.Operation.PhysicalState.DESCRIPTOR.values if v.number]
 
 
-def _project_ref(ctx: typer.Context, project: str) -> sdk.Ref.Project:
-    found = _find_project(ctx, project, "")
+ProjectBasisOpt = Annotated[
+    str, typer.Option("--basis", "-b", help="The project's basis, when its name is ambiguous.")
+]
+
+
+def _project_ref(ctx: typer.Context, project: str, basis: str = "") -> sdk.Ref.Project:
+    found = _find_project(ctx, project, basis)
     return sdk.Ref.Project(resource_id=found.resource_id)
 
 
@@ -197,13 +202,14 @@ def _project_ref(ctx: typer.Context, project: str) -> sdk.Ref.Project:
 def target_list(
     ctx: typer.Context,
     project: Annotated[str, typer.Option("--project", "-p", help="Only this project's.")] = "",
+    basis: ProjectBasisOpt = "",
     as_json: Json = False,
 ) -> None:
     """List targets."""
     c, stub = _vagrant(ctx)
     refs = list(call(c, stub.ListTargets, Empty()).targets)
     if project:
-        wanted = _project_ref(ctx, project).resource_id
+        wanted = _project_ref(ctx, project, basis).resource_id
         refs = [r for r in refs if r.project.resource_id == wanted]
     if as_json:
         return print_json(refs)
@@ -216,6 +222,7 @@ def target_get(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="Name, uuid or id.")],
     project: ProjectOpt = "",
+    basis: ProjectBasisOpt = "",
     as_json: Json = False,
 ) -> None:
     """Show one target."""
@@ -223,7 +230,15 @@ def target_get(
     query = vs.Target(resource_id=ref, uuid=ref)
     if project:
         query.name = ref
-        query.project.CopyFrom(_project_ref(ctx, project))
+        query.project.CopyFrom(_project_ref(ctx, project, basis))
+    else:  # a bare name: fine while only one project has a target of that name
+        named = [
+            r for r in call(c, stub.ListTargets, Empty()).targets if r.name.lower() == ref.lower()
+        ]
+        if len(named) > 1:
+            fail(f"target {ref!r} exists in several projects: give --project")
+        if named:
+            query = vs.Target(resource_id=named[0].resource_id)
     _show(call(c, stub.FindTarget, vs.FindTargetRequest(target=query)).target, as_json)
 
 
@@ -237,6 +252,7 @@ def target_upsert(
     ] = None,
     provider: Annotated[str, typer.Option("--provider", help="Provider name.")] = "",
     meta: Meta = None,
+    basis: ProjectBasisOpt = "",
     as_json: Json = False,
 ) -> None:
     """Create a target in a project, or update the one of that name there."""
@@ -246,7 +262,7 @@ def target_upsert(
         if state.upper() not in STATES:
             fail(f"--state must be one of {', '.join(STATES)}, got {state!r}")
         target.state = vs.Operation.PhysicalState.Value(state.upper())
-    request = vs.UpsertTargetRequest(project=_project_ref(ctx, project), target=target)
+    request = vs.UpsertTargetRequest(project=_project_ref(ctx, project, basis), target=target)
     _show(call(c, stub.UpsertTarget, request).target, as_json)
 
 
@@ -255,10 +271,11 @@ def target_delete(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="Name or id.")],
     project: ProjectOpt,
+    basis: ProjectBasisOpt = "",
 ) -> None:
     """Delete a target."""
     c, stub = _vagrant(ctx)
-    project_ref = _project_ref(ctx, project)
+    project_ref = _project_ref(ctx, project, basis)
     target_ref = sdk.Ref.Target(resource_id=ref, name=ref)
     found = call(c, stub.GetTarget, vs.GetTargetRequest(project=project_ref, target=target_ref))
     exact = sdk.Ref.Target(resource_id=found.target.resource_id)
@@ -301,7 +318,8 @@ def box_get(
     ref = sdk.Ref.Box(name=name, version=version, provider=provider)
     found = call(c, stub.FindBox, vs.FindBoxRequest(box=ref))
     if not found.HasField("box"):
-        fail(f"no box {name!r} matches version {version or 'any'!r}")
+        where = f" for provider {provider!r}" if provider else ""
+        fail(f"no box {name!r} matches version {version or 'any'!r}{where}")
     _show(found.box, as_json)
 
 

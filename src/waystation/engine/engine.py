@@ -83,7 +83,7 @@ class JobEngine:
         return job_id
 
     async def cancel(self, job_id: str) -> job_tx.CancelOutcome:
-        outcome, job = await self.db.write(job_tx.job_cancel, job_id, now_us())
+        outcome = await self.db.write(job_tx.job_cancel, job_id, now_us())
         if outcome is not job_tx.CancelOutcome.NOTHING:
             self.feed.publish(job_topic(job_id))
         if outcome is job_tx.CancelOutcome.FORCED:

@@ -48,10 +48,10 @@ class Feed:
                         self._versions.pop(topic, None)
 
 
-async def wait(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for `event` at most `timeout` seconds; True if it was set."""
+async def wait(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for `event` at most `seconds`; True if it was set."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(seconds):
             await event.wait()
     except TimeoutError:
         return False

@@ -6,12 +6,12 @@ from typing import Any
 
 from grpc import aio
 
+from waystation.engine.engine import JobEngine
 from waystation.errors import FailedPrecondition
+from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc
 from waystation.server.unimplemented import fill_unimplemented
-from waystation.engine.engine import JobEngine
-from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import runners as runner_tx
 
 DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]

@@ -15,11 +15,11 @@ from grpc_reflection.v1alpha import reflection
 
 import waystation
 from waystation.config import MAX_MESSAGE_BYTES, ServerSettings
+from waystation.engine.engine import JobEngine
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server import admin, provisionerd, vagrant
-from waystation.engine.engine import JobEngine
 from waystation.store import Store
 
 log = logging.getLogger(__name__)

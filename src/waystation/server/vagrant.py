@@ -8,12 +8,12 @@ from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
 import waystation
+from waystation.engine.engine import JobEngine
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.server.vagrant_jobs import JobRPCs
 from waystation.server.vagrant_runners import RunnerRPCs
 from waystation.server.vagrant_state import StateRPCs
-from waystation.engine.engine import JobEngine
 
 DESCRIPTOR = vs.DESCRIPTOR.services_by_name["Vagrant"]
 SERVICE = DESCRIPTOR.full_name

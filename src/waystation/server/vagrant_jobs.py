@@ -107,12 +107,13 @@ class JobRPCs:
                     final = job.state in FINAL
                     if final or looked_elsewhere:
                         await output.refresh(self.engine.db)  # rows another server wrote
-                    index = sent - output.first_seq
-                    for batch in output.batches[index:]:
+                    # Batches may arrive while we yield: count each one sent.
+                    while sent < output.next_seq:
+                        batch = output.batches[sent - output.first_seq]
+                        sent += 1
                         yield StreamResponse(
                             terminal=StreamResponse.Terminal(events=batch.events, buffered=buffered)
                         )
-                    sent = output.next_seq
                     buffered = False  # what was there on joining is the backlog
                     if final:
                         yield StreamResponse(

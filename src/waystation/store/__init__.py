@@ -17,12 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import boxes, resources
-from waystation.store.database import Database, sqlite_url
+from waystation.store.database import Database
 from waystation.store.migrate import upgrade
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Store", "sqlite_url"]
+__all__ = ["Store"]
 
 
 class Store:

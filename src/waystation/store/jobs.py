@@ -316,7 +316,7 @@ class CancelOutcome(Enum):
     FORCED = "forced"  # second cancel: ERROR at once, runner told to stop now
 
 
-def job_cancel(conn: Connection, job_id: str, now: int) -> tuple[CancelOutcome, vs.Job]:
+def job_cancel(conn: Connection, job_id: str, now: int) -> CancelOutcome:
     row = _row(conn, job_id, lock=True)
     if row.state in FINAL:
         outcome = CancelOutcome.NOTHING
@@ -329,7 +329,7 @@ def job_cancel(conn: Connection, job_id: str, now: int) -> tuple[CancelOutcome, 
     else:
         _end_with_error(conn, job_id, HELD, now)
         outcome = CancelOutcome.FORCED
-    return outcome, job_get(conn, job_id)
+    return outcome
 
 
 # -- timers ----------------------------------------------------------------------
