@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import server, state
+from waystation.cli import jobs, runner, server, state
 from waystation.cli.output import Context
 from waystation.config import DEFAULT_ADDRESS
 
@@ -19,6 +19,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(server.app, name="server")
+app.add_typer(runner.app, name="runner")
+app.add_typer(jobs.app, name="job")
+app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    jobs.run
+)
 for name, sub in state.apps.items():
     app.add_typer(sub, name=name)
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import typer
@@ -71,7 +71,7 @@ def rpc_errors(ctx: Context) -> Iterator[None]:
             fail(f"{details} ({code.name})")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     err.print(Text.assemble(("error:", "red"), " ", message))
     raise typer.Exit(1)
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.rpc import status_pb2
 
 from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
 from waystation.engine.output import OutputLog, OutputWriter, Terminal
 from waystation.engine.rules import Timeouts, now_us, to_us
+from waystation.errors import Unavailable
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
 from waystation.store import jobs as job_tx
@@ -52,7 +54,9 @@ class JobEngine:
         self._timer_wake = asyncio.Event()
         self._next_timer: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._draining = False
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -63,13 +67,33 @@ class JobEngine:
             asyncio.create_task(self._prune_loop(), name="engine-prune"),
         ]
 
-    async def stop(self) -> None:
+    def drain(self) -> None:
+        """Shutting down: hand out no more work; waiting runners are sent away.
+
+        Jobs already running may still report (output, heartbeats, results)
+        during the server's grace period. Timers stop: the next server (or
+        another replica) fires whatever falls due meanwhile.
+        """
+        self._draining = True
         for task in self._tasks:
             task.cancel()
+        for waiter in self._waiters:
+            waiter.wake.set()
+        self.feed.publish(CONFIG_TOPIC)  # config streams see `draining` and end
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def stop(self) -> None:
+        self.drain()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # Writes started by streams that just ended finish before the store closes.
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._stopped = True
 
     # -- queue ---------------------------------------------------------------
 
@@ -111,12 +135,15 @@ class JobEngine:
         rid = runner.id.lower()
         self._connected[rid] = self._connected.get(rid, 0) + 1
 
-    async def runner_disconnected(self, runner_id: str) -> None:
+    def runner_disconnected(self, runner_id: str) -> None:
+        """A config stream closed; the last one marks the runner offline (in the background,
+        as the stream's task may be being cancelled)."""
         rid = runner_id.lower()
         self._connected[rid] -= 1
         if self._connected[rid] <= 0:
             del self._connected[rid]
-            await self.db.write(runner_tx.runner_offline, rid, now_us())
+            if not self._stopped:  # else the store is closing; the lease runs out instead
+                self._spawn(self.db.write(runner_tx.runner_offline, rid, now_us()))
 
     async def config_changed(self) -> None:
         self.feed.publish(CONFIG_TOPIC)
@@ -128,6 +155,8 @@ class JobEngine:
         ack_timeout = to_us(self.timeouts.ack)
         try:
             while True:
+                if self._draining:
+                    raise Unavailable("the server is shutting down; reconnect to another")
                 waiter.wake.clear()  # before looking, so no wake-up is lost
                 job = await self.db.write(
                     job_tx.job_assign, waiter.runner_id, waiter.by_id_only, now_us(), ack_timeout
@@ -141,17 +170,21 @@ class JobEngine:
         finally:
             self._waiters.remove(waiter)
 
-    async def ack(self, job_id: str, runner_id: str) -> vs.Job:
-        job = await self.db.write(
-            job_tx.job_ack, job_id, runner_id, now_us(), to_us(self.timeouts.heartbeat)
+    async def ack(self, job: vs.Job, runner_id: str) -> vs.Job:
+        """WAITING -> RUNNING, if `job` (as assigned) is still this runner's."""
+        assigned_at = job.assign_time.ToMicroseconds()
+        heartbeat = to_us(self.timeouts.heartbeat)
+        acked = await self.db.write(
+            job_tx.job_ack, job.id, runner_id, assigned_at, now_us(), heartbeat
         )
         self._arm(self.timeouts.heartbeat)
-        self.feed.publish(job_topic(job_id))
-        return job
+        self.feed.publish(job_topic(job.id))
+        return acked
 
-    async def nack(self, job_id: str, runner_id: str) -> None:
-        if await self.db.write(job_tx.job_nack, job_id, runner_id):
-            self.feed.publish(job_topic(job_id))
+    async def nack(self, job: vs.Job, runner_id: str) -> None:
+        assigned_at = job.assign_time.ToMicroseconds()
+        if await self.db.write(job_tx.job_nack, job.id, runner_id, assigned_at):
+            self.feed.publish(job_topic(job.id))
             self._wake_for(None)
             self._wake_from_db_soon()
 
@@ -285,10 +318,13 @@ class JobEngine:
 
     def _wake_from_db_soon(self) -> None:
         if self._waiters:
-            task = asyncio.create_task(self._wake_from_db())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            task.add_done_callback(_log_failure)
+            self._spawn(self._wake_from_db())
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
 
 
 @dataclass
@@ -309,6 +345,6 @@ class OutputAppender:
         await self.writer.flush()
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
+def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background wake-up failed", exc_info=task.exception())

@@ -7,11 +7,13 @@ from typing import Any
 from grpc import aio
 
 from waystation.engine.engine import JobEngine
+from waystation.engine.rules import now_us
 from waystation.errors import FailedPrecondition
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc
 from waystation.server.unimplemented import fill_unimplemented
+from waystation.store import jobs as job_tx
 from waystation.store import runners as runner_tx
 
 DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]
@@ -51,3 +53,23 @@ class AdminService:
     async def ConfigGet(self, request: vs.ConfigGetRequest, context: Ctx) -> vs.ConfigGetResponse:
         variables = await self.engine.db.read(runner_tx.config_get, request)
         return vs.ConfigGetResponse(variables=variables)
+
+    @rpc
+    async def ListRunners(
+        self, request: admin.ListRunnersRequest, context: Ctx
+    ) -> admin.ListRunnersResponse:
+        rows = await self.engine.db.read(runner_tx.runners_list, now_us())
+        response = admin.ListRunnersResponse()
+        for runner, online, last_seen in rows:
+            info = response.runners.add(runner=runner, online=online)
+            info.last_seen.FromMicroseconds(last_seen)
+        return response
+
+    @rpc
+    async def GetQueuePosition(
+        self, request: admin.GetQueuePositionRequest, context: Ctx
+    ) -> admin.GetQueuePositionResponse:
+        if not request.job_id:
+            raise FailedPrecondition("job_id is required")
+        position, blocker = await self.engine.db.read(job_tx.job_queue_position, request.job_id)
+        return admin.GetQueuePositionResponse(position=position, blocked_by=blocker)

@@ -41,7 +41,8 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)  # streams get the grace period, then are cancelled
+        self.engine.drain()  # no new assignments; idle runner streams end now
+        await self.server.stop(grace)  # running jobs get the grace period to report
         await self.engine.stop()
         await self.store.close()  # drains the write queue: in-flight writes finish
 

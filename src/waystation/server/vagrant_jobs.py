@@ -116,9 +116,13 @@ class JobRPCs:
                         )
                     buffered = False  # what was there on joining is the backlog
                     if final:
-                        yield StreamResponse(
-                            complete=StreamResponse.Complete(error=job.error, result=job.result)
-                        )
+                        # Set only what the job has: clients read a present error as failure.
+                        complete = StreamResponse.Complete()
+                        if job.HasField("error"):
+                            complete.error.CopyFrom(job.error)
+                        if job.HasField("result"):
+                            complete.result.CopyFrom(job.result)
+                        yield StreamResponse(complete=complete)
                         return
                     looked_elsewhere = not await wait(wake, poll)
 

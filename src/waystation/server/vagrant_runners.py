@@ -44,21 +44,25 @@ class RunnerRPCs:
             raise FailedPrecondition("first message must be an Open event")
         runner = first.open.runner
         await self.engine.runner_connected(runner)
+        # The client sends nothing more; its stream ending means it left.
+        gone = asyncio.ensure_future(_drain(requests))
+        waiting: asyncio.Future[Any] | None = None
         try:
-            # The client sends nothing more; its stream ending means it left.
-            gone = asyncio.ensure_future(_drain(requests))
             with self.engine.feed.subscribe(CONFIG_TOPIC) as changed:
-                while not gone.done():
+                while not gone.done() and not self.engine.draining:
                     changed.clear()
                     variables = await self.engine.db.read(runner_tx.runner_config, runner.id)
                     config = vs.RunnerConfig(config_vars=variables)
                     await context.write(vs.RunnerConfigResponse(config=config))
                     waiting = asyncio.ensure_future(changed.wait())
-                    await asyncio.wait({gone, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait((gone, waiting), return_when=asyncio.FIRST_COMPLETED)
                     waiting.cancel()
         finally:
-            gone.cancel()
-            await asyncio.shield(self.engine.runner_disconnected(runner.id))
+            for task in (gone, waiting):
+                if task is not None:
+                    task.cancel()
+                    task.add_done_callback(_consume)
+            self.engine.runner_disconnected(runner.id)
 
     @rpc
     async def RunnerJobStream(self, requests: AsyncIterator[Request], context: Ctx) -> None:
@@ -88,15 +92,15 @@ class RunnerRPCs:
             # Step 3.
             reply = await _first(requests)
         except BaseException:
-            await asyncio.shield(self.engine.nack(job.id, runner_id))
+            await asyncio.shield(self.engine.nack(job, runner_id))
             raise
         kind = reply.WhichOneof("event") if reply is not None else None
         if kind != "ack":
-            await self.engine.nack(job.id, runner_id)
+            await self.engine.nack(job, runner_id)
             if kind in (None, "error"):
                 return
             raise FailedPrecondition(f"ack expected, got: {kind}")
-        await self.engine.ack(job.id, runner_id)
+        await self.engine.ack(job, runner_id)
 
         # Steps 4 and 5.
         async with self.engine.output_writer(job.id) as output:
@@ -121,9 +125,14 @@ class RunnerRPCs:
         reader = aiter(requests)
         while True:
             step: asyncio.Future[Any] = asyncio.ensure_future(anext(reader))
-            await asyncio.wait((step, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():  # force-cancelled: the job is over, stop listening
-                step.cancel()
+            step.add_done_callback(_consume)
+            try:
+                await asyncio.wait((step, watcher), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                forced = not step.done()
+                if forced:  # force-cancelled (or we are): stop listening
+                    step.cancel()
+            if forced:
                 return
             try:
                 message = step.result()
@@ -176,3 +185,9 @@ async def _first(requests: AsyncIterator[Any]) -> Any:
 async def _drain(requests: AsyncIterator[Any]) -> None:
     async for _ in requests:
         pass
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background read's outcome so asyncio does not report it."""
+    if not task.cancelled():
+        task.exception()

@@ -193,16 +193,28 @@ def job_assign(
     return None
 
 
+def _assignment(job_id: str, runner_id: str, assigned_at: int) -> sa.ColumnElement[bool]:
+    """This very assignment: a stale stream of the same runner, whose job was
+    requeued and assigned again since, must not act on the new assignment."""
+    return sa.and_(
+        jobs.c.id == job_id,
+        jobs.c.state == WAITING,
+        jobs.c.assigned_runner == runner_id.lower(),
+        jobs.c.assign_time == assigned_at,
+    )
+
+
 def job_ack(
-    conn: Connection, job_id: str, runner_id: str, now: int, heartbeat_timeout: int
+    conn: Connection,
+    job_id: str,
+    runner_id: str,
+    assigned_at: int,
+    now: int,
+    heartbeat_timeout: int,
 ) -> vs.Job:
     updated = conn.execute(
         sa.update(jobs)
-        .where(
-            jobs.c.id == job_id,
-            jobs.c.state == WAITING,
-            jobs.c.assigned_runner == runner_id.lower(),
-        )
+        .where(_assignment(job_id, runner_id, assigned_at))
         .values(
             state=RUNNING,
             ack_time=now,
@@ -215,17 +227,11 @@ def job_ack(
     return job_get(conn, job_id)
 
 
-def job_nack(conn: Connection, job_id: str, runner_id: str) -> bool:
-    """Back to QUEUED for another runner; False if it was not WAITING on this runner."""
+def job_nack(conn: Connection, job_id: str, runner_id: str, assigned_at: int) -> bool:
+    """Back to QUEUED for another runner; False if this assignment no longer stands."""
     return bool(
         conn.execute(
-            sa.update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                jobs.c.state == WAITING,
-                jobs.c.assigned_runner == runner_id.lower(),
-            )
-            .values(_REQUEUE)
+            sa.update(jobs).where(_assignment(job_id, runner_id, assigned_at)).values(_REQUEUE)
         ).rowcount
     )
 
@@ -400,6 +406,32 @@ def job_get(conn: Connection, job_id: str) -> vs.Job:
 
 def job_list(conn: Connection) -> list[vs.Job]:
     return [_message(r) for r in conn.execute(sa.select(jobs).order_by(jobs.c.id))]
+
+
+def job_queue_position(conn: Connection, job_id: str) -> tuple[int, str]:
+    """(1-based position among QUEUED jobs for the same runners, blocking job id)."""
+    row = _row(conn, job_id)
+    if row.state != QUEUED:
+        return 0, ""
+    competing = sa.or_(jobs.c.runner_id.is_(None), jobs.c.runner_id == row.runner_id)
+    if row.runner_id is None:
+        competing = jobs.c.runner_id.is_(None)
+    ahead = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(jobs)
+        .where(
+            jobs.c.state == QUEUED,
+            competing,
+            sa.tuple_(jobs.c.queue_time, jobs.c.id) < sa.tuple_(row.queue_time, row.id),
+        )
+    ).scalar_one()
+    blocker = ""
+    if row.scope_key is not None:
+        holder = conn.execute(
+            sa.select(jobs.c.id).where(jobs.c.scope_key == row.scope_key, jobs.c.state.in_(HELD))
+        ).scalar()
+        blocker = holder or ""
+    return ahead + 1, blocker
 
 
 def jobs_queued_runner_ids(conn: Connection) -> set[str | None]:

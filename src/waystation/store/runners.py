@@ -132,20 +132,23 @@ def config_get(conn: Connection, request: vs.ConfigGetRequest) -> list[vs.Config
     if not ref.resource_id:
         raise FailedPrecondition(f"config {which} scope needs a resource_id")
     rows = conn.execute(
-        sa.select(config_vars.c.name, config_vars.c.value)
-        .where(
+        sa.select(config_vars.c.name, config_vars.c.value).where(
             config_vars.c.scope_kind == which,
             config_vars.c.scope_id == ref.resource_id,
-            config_vars.c.name.startswith(request.prefix, autoescape=True),
+            _has_prefix(request.prefix),
         )
-        .order_by(config_vars.c.name)
     )
     variables = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.name):  # code-point order, whatever the collation
         var = vs.ConfigVar(name=r.name, value=r.value)
         getattr(var, which).resource_id = ref.resource_id
         variables.append(var)
     return variables
+
+
+def _has_prefix(prefix: str) -> sa.ColumnElement[bool]:
+    # Not LIKE: SQLite's LIKE ignores case, and names are case-sensitive.
+    return sa.func.substr(config_vars.c.name, 1, len(prefix)) == prefix
 
 
 def runner_config(conn: Connection, runner_id: str, prefix: str = "") -> list[vs.ConfigVar]:
@@ -154,7 +157,7 @@ def runner_config(conn: Connection, runner_id: str, prefix: str = "") -> list[vs
         sa.select(config_vars.c.scope_id, config_vars.c.name, config_vars.c.value).where(
             config_vars.c.scope_kind == "runner",
             config_vars.c.scope_id.in_([ANY_RUNNER, runner_id.lower()]),
-            config_vars.c.name.startswith(prefix, autoescape=True),
+            _has_prefix(prefix),
         )
     )
     merged: dict[str, vs.ConfigVar] = {}

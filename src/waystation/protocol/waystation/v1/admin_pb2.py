@@ -23,23 +23,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from waystation.protocol import plugin_pb2 as plugin__pb2
 from waystation.protocol import vagrant_server_pb2 as vagrant__server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x0cplugin.proto\x1a\x14vagrant_server.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xdd\x02\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponse\x12V\n\tConfigSet\x12#.hashicorp.vagrant.ConfigSetRequest\x1a$.hashicorp.vagrant.ConfigSetResponse\x12V\n\tConfigGet\x12#.hashicorp.vagrant.ConfigGetRequest\x1a$.hashicorp.vagrant.ConfigGetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x0cplugin.proto\x1a\x14vagrant_server.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x14\n\x12ListRunnersRequest\"A\n\x13ListRunnersResponse\x12*\n\x07runners\x18\x01 \x03(\x0b\x32\x19.waystation.v1.RunnerInfo\"v\n\nRunnerInfo\x12)\n\x06runner\x18\x01 \x01(\x0b\x32\x19.hashicorp.vagrant.Runner\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x17GetQueuePositionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"@\n\x18GetQueuePositionResponse\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x12\n\nblocked_by\x18\x02 \x01(\t2\x98\x04\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponse\x12V\n\tConfigSet\x12#.hashicorp.vagrant.ConfigSetRequest\x1a$.hashicorp.vagrant.ConfigSetResponse\x12\x63\n\x10GetQueuePosition\x12&.waystation.v1.GetQueuePositionRequest\x1a\'.waystation.v1.GetQueuePositionResponse\x12T\n\x0bListRunners\x12!.waystation.v1.ListRunnersRequest\x1a\".waystation.v1.ListRunnersResponse\x12V\n\tConfigGet\x12#.hashicorp.vagrant.ConfigGetRequest\x1a$.hashicorp.vagrant.ConfigGetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'waystation.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELETEBASISREQUEST']._serialized_start=80
-  _globals['_DELETEBASISREQUEST']._serialized_end=149
-  _globals['_DELETEPROJECTREQUEST']._serialized_start=151
-  _globals['_DELETEPROJECTREQUEST']._serialized_end=226
-  _globals['_DELETERESPONSE']._serialized_start=228
-  _globals['_DELETERESPONSE']._serialized_end=261
-  _globals['_ADMIN']._serialized_start=264
-  _globals['_ADMIN']._serialized_end=613
+  _globals['_DELETEBASISREQUEST']._serialized_start=113
+  _globals['_DELETEBASISREQUEST']._serialized_end=182
+  _globals['_DELETEPROJECTREQUEST']._serialized_start=184
+  _globals['_DELETEPROJECTREQUEST']._serialized_end=259
+  _globals['_DELETERESPONSE']._serialized_start=261
+  _globals['_DELETERESPONSE']._serialized_end=294
+  _globals['_LISTRUNNERSREQUEST']._serialized_start=296
+  _globals['_LISTRUNNERSREQUEST']._serialized_end=316
+  _globals['_LISTRUNNERSRESPONSE']._serialized_start=318
+  _globals['_LISTRUNNERSRESPONSE']._serialized_end=383
+  _globals['_RUNNERINFO']._serialized_start=385
+  _globals['_RUNNERINFO']._serialized_end=503
+  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_start=505
+  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_end=546
+  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_start=548
+  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_end=612
+  _globals['_ADMIN']._serialized_start=615
+  _globals['_ADMIN']._serialized_end=1151
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,16 @@ class AdminStub:
                 request_serializer=vagrant__server__pb2.ConfigSetRequest.SerializeToString,
                 response_deserializer=vagrant__server__pb2.ConfigSetResponse.FromString,
                 _registered_method=True)
+        self.GetQueuePosition = channel.unary_unary(
+                '/waystation.v1.Admin/GetQueuePosition',
+                request_serializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.SerializeToString,
+                response_deserializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.FromString,
+                _registered_method=True)
+        self.ListRunners = channel.unary_unary(
+                '/waystation.v1.Admin/ListRunners',
+                request_serializer=waystation_dot_v1_dot_admin__pb2.ListRunnersRequest.SerializeToString,
+                response_deserializer=waystation_dot_v1_dot_admin__pb2.ListRunnersResponse.FromString,
+                _registered_method=True)
         self.ConfigGet = channel.unary_unary(
                 '/waystation.v1.Admin/ConfigGet',
                 request_serializer=vagrant__server__pb2.ConfigGetRequest.SerializeToString,
@@ -86,6 +96,22 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueuePosition(self, request, context):
+        """Where a QUEUED job stands: its position among the QUEUED jobs that
+        compete for the same runners, and the job holding its scope if a
+        serialized (Command) job is blocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunners(self, request, context):
+        """Every runner the server knows, with whether it is online now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ConfigGet(self, request, context):
         """Get the config variables of one scope whose names start with `prefix`.
         For a runner id: those for any runner, then its own (which win), by name.
@@ -111,6 +137,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ConfigSet,
                     request_deserializer=vagrant__server__pb2.ConfigSetRequest.FromString,
                     response_serializer=vagrant__server__pb2.ConfigSetResponse.SerializeToString,
+            ),
+            'GetQueuePosition': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueuePosition,
+                    request_deserializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.FromString,
+                    response_serializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.SerializeToString,
+            ),
+            'ListRunners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunners,
+                    request_deserializer=waystation_dot_v1_dot_admin__pb2.ListRunnersRequest.FromString,
+                    response_serializer=waystation_dot_v1_dot_admin__pb2.ListRunnersResponse.SerializeToString,
             ),
             'ConfigGet': grpc.unary_unary_rpc_method_handler(
                     servicer.ConfigGet,
@@ -199,6 +235,60 @@ class Admin:
             '/waystation.v1.Admin/ConfigSet',
             vagrant__server__pb2.ConfigSetRequest.SerializeToString,
             vagrant__server__pb2.ConfigSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueuePosition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Admin/GetQueuePosition',
+            waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.SerializeToString,
+            waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Admin/ListRunners',
+            waystation_dot_v1_dot_admin__pb2.ListRunnersRequest.SerializeToString,
+            waystation_dot_v1_dot_admin__pb2.ListRunnersResponse.FromString,
             options,
             channel_credentials,
             insecure,

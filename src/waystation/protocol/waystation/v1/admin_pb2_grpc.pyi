@@ -48,6 +48,13 @@ class AdminStub:
     or one by id). An empty value deletes the variable. Connected runners get
     their new set at once when a runner-scoped variable changes.
     """
+    GetQueuePosition: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetQueuePositionRequest, _admin_pb2.GetQueuePositionResponse]
+    """Where a QUEUED job stands: its position among the QUEUED jobs that
+    compete for the same runners, and the job holding its scope if a
+    serialized (Command) job is blocked.
+    """
+    ListRunners: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRunnersRequest, _admin_pb2.ListRunnersResponse]
+    """Every runner the server knows, with whether it is online now."""
     ConfigGet: _grpc.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]
     """Get the config variables of one scope whose names start with `prefix`.
     For a runner id: those for any runner, then its own (which win), by name.
@@ -68,6 +75,13 @@ class AdminAsyncStub(AdminStub):
     or one by id). An empty value deletes the variable. Connected runners get
     their new set at once when a runner-scoped variable changes.
     """
+    GetQueuePosition: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetQueuePositionRequest, _admin_pb2.GetQueuePositionResponse]  # type: ignore[assignment]
+    """Where a QUEUED job stands: its position among the QUEUED jobs that
+    compete for the same runners, and the job holding its scope if a
+    serialized (Command) job is blocked.
+    """
+    ListRunners: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRunnersRequest, _admin_pb2.ListRunnersResponse]  # type: ignore[assignment]
+    """Every runner the server knows, with whether it is online now."""
     ConfigGet: _aio.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]  # type: ignore[assignment]
     """Get the config variables of one scope whose names start with `prefix`.
     For a runner id: those for any runner, then its own (which win), by name.
@@ -103,6 +117,25 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         or one by id). An empty value deletes the variable. Connected runners get
         their new set at once when a runner-scoped variable changes.
         """
+
+    @_abc_1.abstractmethod
+    def GetQueuePosition(
+        self,
+        request: _admin_pb2.GetQueuePositionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetQueuePositionResponse, _abc.Awaitable[_admin_pb2.GetQueuePositionResponse]]:
+        """Where a QUEUED job stands: its position among the QUEUED jobs that
+        compete for the same runners, and the job holding its scope if a
+        serialized (Command) job is blocked.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRunners(
+        self,
+        request: _admin_pb2.ListRunnersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListRunnersResponse, _abc.Awaitable[_admin_pb2.ListRunnersResponse]]:
+        """Every runner the server knows, with whether it is online now."""
 
     @_abc_1.abstractmethod
     def ConfigGet(
