@@ -192,7 +192,9 @@ def _watch(ctx: typer.Context, job_id: str) -> int:
     if spinner is not None:
         spinner.start()
     renderer = Renderer(out, spinner)
-    queued = _QueueNotes(c, job_id, renderer)
+    queued = _QueueNotes(
+        c, call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id), about=f"job {job_id}"), renderer
+    )
     try:
         with rpc_errors(c):
             for response in stub.GetJobStream(vs.GetJobStreamRequest(job_id=job_id)):
@@ -216,9 +218,12 @@ def _watch(ctx: typer.Context, job_id: str) -> int:
 class _QueueNotes:
     """While the job is QUEUED, keep 'queued, position N' / 'blocked by X' current."""
 
-    def __init__(self, c: Context, job_id: str, renderer: Renderer) -> None:
+    def __init__(self, c: Context, job: vs.Job, renderer: Renderer) -> None:
         self.stub = admin_grpc.AdminStub(c.channel)
-        self.job_id = job_id
+        self.vagrant = vs_grpc.VagrantStub(c.channel)
+        self.job = job
+        self.job_id = job.id
+        self.told_no_runner = False
         self.renderer = renderer
         self.queued = threading.Event()
         self.done = threading.Event()
@@ -242,12 +247,23 @@ class _QueueNotes:
                 where = self.stub.GetQueuePosition(
                     admin.GetQueuePositionRequest(job_id=self.job_id), timeout=5
                 )
+                spec = vs.Job()
+                spec.CopyFrom(self.job)
+                spec.ClearField("id")
+                check = self.vagrant.ValidateJob(vs.ValidateJobRequest(job=spec), timeout=5)
             except grpc.RpcError:
                 continue
+            nobody = "" if check.assignable else "; no connected runner can take it"
             if where.blocked_by:
-                self.renderer.set_waiting(f"queued, blocked by job {where.blocked_by}")
+                self.renderer.set_waiting(f"queued, blocked by job {where.blocked_by}{nobody}")
             elif where.position:
-                self.renderer.set_waiting(f"queued, position {where.position}")
+                self.renderer.set_waiting(f"queued, position {where.position}{nobody}")
+            if nobody and not self.told_no_runner and self.renderer.spinner is None:
+                err.print(
+                    "waiting: no connected runner can take this job (start one with "
+                    "`waystation runner`)"
+                )
+                self.told_no_runner = True
 
 
 @app.command("list")
@@ -258,24 +274,32 @@ def list_jobs(
 ) -> None:
     """List jobs, oldest first."""
     c, stub = _stubs(ctx)
-    with Progress(SpinnerColumn(), TextColumn("loading jobs..."), console=err, transient=True) as p:
-        p.add_task("list")
+    wanted = state.upper()
+    if wanted and wanted not in vs.Job.State.keys():  # noqa: SIM118 - a protobuf enum wrapper
+        fail(f"--state must be one of {', '.join(vs.Job.State.keys()[1:])}")
+    with _progress("loading jobs..."):
         jobs = list(call(c, stub._ListJobs, vs.ListJobsRequest()).jobs)
-    if state:
-        wanted = state.upper()
-        if wanted not in vs.Job.State.keys():  # noqa: SIM118 - a protobuf enum wrapper
-            fail(f"--state must be one of {', '.join(vs.Job.State.keys()[1:])}")
+    if wanted:
         jobs = [j for j in jobs if vs.Job.State.Name(j.state) == wanted]
     if as_json:
         return print_json(jobs)
     print_table(["id", "state", "operation", "scope", "runner", "queued"], rows(jobs), "no jobs")
 
 
+def _progress(text: str) -> Progress:
+    """A spinner on a terminal; nothing at all in a pipe."""
+    progress = Progress(
+        SpinnerColumn(), TextColumn(text), console=err, transient=True, disable=not err.is_terminal
+    )
+    progress.add_task(text)
+    return progress
+
+
 @app.command("get")
 def get(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
     """Show one job."""
     c, stub = _stubs(ctx)
-    job = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id))
+    job = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id), about=f"job {job_id!r}")
     if as_json:
         return print_json(job)
     print_table(["id", "state", "operation", "scope", "runner", "queued"], rows([job]), "")
@@ -287,6 +311,10 @@ def get(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
 def cancel(ctx: typer.Context, job_id: str) -> None:
     """Cancel a job; cancelling one already cancelling forces it."""
     c, stub = _stubs(ctx)
+    before = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id), about=f"job {job_id!r}")
+    if before.state in (vs.Job.SUCCESS, vs.Job.ERROR):
+        out.print(f"job {job_id} had already finished: {vs.Job.State.Name(before.state).lower()}")
+        return
     call(c, stub.CancelJob, vs.CancelJobRequest(job_id=job_id))
     job = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id))
     out.print(f"job {job_id}: {vs.Job.State.Name(job.state).lower()}", markup=False)
@@ -317,8 +345,7 @@ def prune(ctx: typer.Context) -> None:
     """Delete old finished jobs (the server keeps the newest 50)."""
     c, stub = _stubs(ctx)
     before = len(call(c, stub._ListJobs, vs.ListJobsRequest()).jobs)
-    with Progress(SpinnerColumn(), TextColumn("pruning..."), console=err, transient=True) as p:
-        p.add_task("prune")
+    with _progress("pruning..."):
         call(c, stub.PruneOldJobs, Empty(), timeout=600)
     after = len(call(c, stub._ListJobs, vs.ListJobsRequest()).jobs)
     out.print(f"pruned {before - after} jobs; {after} left", markup=False)

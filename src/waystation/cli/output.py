@@ -47,14 +47,20 @@ class Context:
         return self._channel
 
 
-def call(ctx: Context, method: Callable[..., Resp], request: Message, timeout: float = 30) -> Resp:
-    """Make one RPC; on failure print one clear line and exit non-zero."""
-    with rpc_errors(ctx):
+def call(
+    ctx: Context,
+    method: Callable[..., Resp],
+    request: Message,
+    timeout: float = 30,
+    about: str = "",
+) -> Resp:
+    """Make one RPC; on failure print one clear line (prefixed `about`) and exit 1."""
+    with rpc_errors(ctx, about):
         return method(request, timeout=timeout)
 
 
 @contextmanager
-def rpc_errors(ctx: Context) -> Iterator[None]:
+def rpc_errors(ctx: Context, about: str = "") -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
@@ -68,7 +74,7 @@ def rpc_errors(ctx: Context) -> Iterator[None]:
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             fail(f"the server at {ctx.address} did not answer in time")
         else:
-            fail(f"{details} ({code.name})")
+            fail(f"{about}: {details} ({code.name})" if about else f"{details} ({code.name})")
 
 
 def fail(message: str) -> NoReturn:

@@ -110,7 +110,19 @@ def summary(job: vs.Job, started: float) -> Text:
             ("✗ ", "red"), f"job {job.id}: the command exited with {exit_code(job)} ({took})"
         )
     reason = job.error.message or State.Name(job.state)
+    if expired(job):
+        reason = "it expired before any runner took it"
     return Text.assemble(("✗ ", "red"), f"job {job.id} failed: {reason} ({took})")
+
+
+def expired(job: vs.Job) -> bool:
+    """Ended by its expiry (cancelled at or after expire_time, never acked)."""
+    return (
+        job.state == vs.Job.ERROR
+        and job.HasField("expire_time")
+        and not job.HasField("ack_time")
+        and job.cancel_time.ToMicroseconds() >= job.expire_time.ToMicroseconds()
+    )
 
 
 def describe(job: vs.Job) -> str:

@@ -25,7 +25,7 @@ from google.rpc import status_pb2
 
 from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
 from waystation.engine.output import OutputLog, OutputWriter, Terminal
-from waystation.engine.rules import Timeouts, now_us, to_us
+from waystation.engine.rules import SERIALIZED_OPERATIONS, Timeouts, now_us, to_us
 from waystation.errors import Unavailable
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
@@ -118,7 +118,7 @@ class JobEngine:
         return await self.db.read(job_tx.job_get, job_id)
 
     async def list(self) -> list[vs.Job]:
-        return await self.db.read(job_tx.job_list)
+        return await self.db.read_bulk(job_tx.job_list)
 
     async def prune(self, keep: int) -> int:
         return await self.db.write(job_tx.jobs_prune, keep)
@@ -202,13 +202,14 @@ class JobEngine:
     ) -> vs.Job:
         job = await self.db.write(job_tx.job_complete, job_id, runner_id, now_us(), result, error)
         self.feed.publish(job_topic(job_id))
-        self._wake_from_db_soon()
+        if job.WhichOneof("operation") in SERIALIZED_OPERATIONS:
+            self._wake_from_db_soon()  # jobs blocked on its scope may go now
         return job
 
     # -- output --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def output(self, job_id: str) -> AsyncIterator[OutputLog]:
+    async def output(self, job_id: str, *, load: bool = True) -> AsyncIterator[OutputLog]:
         """The job's shared output log, loaded from the store on first use."""
         output = self._logs.get(job_id)
         if output is None:
@@ -216,7 +217,8 @@ class JobEngine:
             self._logs[job_id] = output
         output.refs += 1
         try:
-            await output.refresh(self.db)
+            if load:
+                await output.refresh(self.db)
             yield output
         finally:
             output.refs -= 1
@@ -225,7 +227,8 @@ class JobEngine:
 
     @contextlib.asynccontextmanager
     async def output_writer(self, job_id: str) -> AsyncIterator[OutputAppender]:
-        async with self.output(job_id) as output:
+        # A job's output starts after its ack, so there is nothing to load.
+        async with self.output(job_id, load=False) as output:
             output.local_writer = True
             writer = OutputWriter(self.db, output)
             try:

@@ -46,7 +46,7 @@ class OutputLog:
         if self.local_writer:
             return
         while True:
-            rows = await db.read(job_tx.output_read, self.job_id, self.next_seq - 1)
+            rows = await db.read_bulk(job_tx.output_read, self.job_id, self.next_seq - 1)
             for seq, data in rows:
                 if seq == self.next_seq:
                     self.append(Terminal.FromString(data))

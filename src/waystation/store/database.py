@@ -76,12 +76,14 @@ class Database:
             self._write_engine = self._sqlite_engine(immediate=True)
             self._read_engine = self._sqlite_engine(immediate=False)
             writers = 1
+            self._inline_reads = True
         elif self.dialect == "postgresql":
             writers = 4
             self._write_engine = sa.create_engine(
                 self.url, pool_size=writers + readers, max_overflow=4, pool_pre_ping=True
             )
             self._read_engine = self._write_engine
+            self._inline_reads = False
             if not fsync:
                 event.listen(self._write_engine, "connect", _pg_async_commit)
         else:
@@ -114,9 +116,12 @@ class Database:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
         def on_begin(conn: Connection) -> None:
             # IMMEDIATE takes the write lock up front: no upgrade deadlocks.
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            # Straight to the driver: this runs for every transaction.
+            conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
 
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", on_begin)
@@ -159,7 +164,19 @@ class Database:
         return await future
 
     async def read(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `fn(conn, *args)` in a read-only snapshot on a reader thread."""
+        """Run `fn(conn, *args)` in a read-only snapshot.
+
+        On SQLite this runs right here on the event loop: a WAL read never
+        waits for the writer and takes microseconds, while a hop to a thread
+        costs a GIL handoff (up to the switch interval) each way. Reads that
+        may take long use `read_bulk`. PostgreSQL reads go to reader threads.
+        """
+        if self._inline_reads:
+            return self._read_sync(fn, *args, **kwargs)
+        return await self.read_bulk(fn, *args, **kwargs)
+
+    async def read_bulk(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A read that may scan much (listing every job): always off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._readers, functools.partial(self._read_sync, fn, *args, **kwargs)
@@ -194,8 +211,11 @@ class Database:
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
         try:
             with conn.begin():
-                for work in batch:
-                    outcomes.append(_run_in_savepoint(conn, work))
+                if len(batch) == 1:  # alone: the transaction itself is its savepoint
+                    outcomes.append(_run_alone(conn, batch[0]))
+                else:
+                    for work in batch:
+                        outcomes.append(_run_in_savepoint(conn, work))
         except Exception as exc:  # the commit itself failed: retry one by one
             log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
             conn = _reconnect(conn)
@@ -224,6 +244,16 @@ def _run_in_savepoint(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseEx
         return work, None, exc
     savepoint.commit()
     return work, result, None
+
+
+def _run_alone(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
+    try:
+        return work, work.fn(conn, *work.args, **work.kwargs), None
+    except Exception as exc:
+        conn.rollback()
+        if not isinstance(exc, WaystationError):
+            log.exception("transaction %s failed", getattr(work.fn, "__name__", work.fn))
+        return work, None, exc
 
 
 def _reconnect(conn: Connection) -> Connection:

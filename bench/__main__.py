@@ -1,0 +1,89 @@
+"""`python -m bench [SCENARIO ...] [--quick] [--db URL]`: measure, print, record.
+
+Every scenario named runs in this one invocation so that ratios between them
+hold on a noisy machine. Results go to stdout as a Markdown table and to
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import ceiling, fanout, idle, jobs, peers
+from bench.common import Options, Results, machine
+
+SCENARIOS: dict[str, Callable[[Options, Results], None]] = {
+    "ceiling": ceiling.run,
+    "jobs": jobs.run,
+    "idle": idle.run,
+    "fanout": fanout.run,
+    "peers": peers.run,
+}
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "scenarios", nargs="*", choices=[*SCENARIOS, "all", "provision"], default=["all"]
+    )
+    parser.add_argument("--quick", action="store_true", help="a run of about a minute each")
+    parser.add_argument("--db", default="", help="postgresql://... (default: SQLite)")
+    parser.add_argument("--no-fsync", action="store_true", help="measure without fsync")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args()
+    names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
+    if "provision" in names:
+        print("provision: the provisionerd service is not built yet (its issue is open)")
+        names.remove("provision")
+    options = Options(quick=args.quick, db=args.db, fsync=not args.no_fsync)
+    results = Results()
+    for name in names:
+        print(f"== {name}", flush=True)
+        SCENARIOS[name](options, results)
+    table = report(results, options)
+    print(table)
+    if not args.no_write:
+        RESULTS.write_text(table)
+    return 0
+
+
+def report(results: Results, options: Options) -> str:
+    ceiling_rate = results.get("ceiling", "unary echo, 64 in flight")
+    celery = results.get("peers", "Celery 5 + Redis, noop tasks/s")
+    procrastinate = results.get("peers", "procrastinate + PostgreSQL, noop jobs/s")
+    info = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC with "
+        f"`python -m bench {' '.join(sys.argv[1:])}`.",
+        f"Machine: {info['cores']} cores, {info['memory']}, Python {info['python']}, "
+        f"{info['platform']}. Backend: {'PostgreSQL' if options.db else 'SQLite'}, "
+        f"fsync {'on' if options.fsync else 'off'}.",
+        "",
+        "| scenario | measure | value | unit | vs ceiling | vs Celery | vs procrastinate | note |",
+        "|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for f in results.figures:
+        per_second = f.unit.endswith("/s")
+        lines.append(
+            f"| {f.scenario} | {f.name} | {f.value:,.1f} | {f.unit} | "
+            f"{_ratio(f.value, ceiling_rate) if per_second else ''} | "
+            f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
+            f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
+            f"{f.note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""End-to-end noop jobs: QueueJob -> RunnerJobStream (assign, ack, complete) -> SUCCESS.
+
+Runners are processes holding real streams; a queuer process queues the jobs.
+Throughput with 1, 10 and 50 runner streams; then queue-to-assignment latency
+at a fixed offered load of 100 jobs/s with idle runners waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from grpc import aio
+
+from bench.common import CTX, Options, Results, percentile, run_async_in_process, waystation_server
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+
+Req = vs.RunnerJobStreamRequest
+RUNNER_PROCESSES = 2  # the machine has 2 cores: more processes only add switching
+
+
+def noop_job() -> vs.Job:
+    return vs.Job(target_runner=vs.Ref.Runner(any=vs.Ref.RunnerAny()), noop=vs.Job.Noop())
+
+
+async def register(stub: Any, runner_id: str) -> Any:
+    """Open (and keep open) the runner's config stream; wait for its first config."""
+    opened = asyncio.Event()
+
+    async def requests() -> Any:
+        yield vs.RunnerConfigRequest(
+            open=vs.RunnerConfigRequest.Open(runner=vs.Runner(id=runner_id))
+        )
+        await asyncio.Event().wait()
+
+    call = stub.RunnerConfig(requests())
+    await call.read()
+    opened.set()
+    return call
+
+
+async def run_jobs(stub: Any, runner_id: str, done: Any, stop: Any) -> None:
+    """One runner stream after another: take a job, ack it, complete it."""
+    while not stop.is_set():
+        call = stub.RunnerJobStream()
+        await call.write(Req(request=Req.Request(runner_id=runner_id)))
+        response = await call.read()
+        if response is aio.EOF:  # type: ignore[attr-defined]
+            continue
+        await call.write(Req(ack=Req.Ack()))
+        await call.write(Req(complete=Req.Complete()))
+        await call.done_writing()
+        await call.read()  # EOF: the server closed the stream
+        with done.get_lock():
+            done.value += 1
+
+
+async def runner_process(address: str, names: list[str], done: Any, stop: Any) -> None:
+    async with aio.insecure_channel(address) as channel:
+        stub = vs_grpc.VagrantStub(channel)
+        configs = [await register(stub, name) for name in names]
+        workers = [asyncio.ensure_future(run_jobs(stub, name, done, stop)) for name in names]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        for task in workers:
+            task.cancel()
+        for call in configs:
+            call.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+def _runner_main(address: str, names: list[str], done: Any, stop: Any) -> None:
+    run_async_in_process(runner_process, address, names, done, stop)
+
+
+async def queue_jobs(address: str, count: int, inflight: int, rate: float) -> list[str]:
+    """Queue `count` jobs: as fast as `inflight` calls allow, or at `rate` per second."""
+    async with aio.insecure_channel(address) as channel:
+        stub = vs_grpc.VagrantStub(channel)
+        ids: list[str] = []
+        if rate:
+            start = time.perf_counter()
+            pending = []
+            for i in range(count):
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(
+                    asyncio.ensure_future(stub.QueueJob(vs.QueueJobRequest(job=noop_job())))
+                )
+            return [r.job_id for r in await asyncio.gather(*pending)]
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < count:
+                next_index += 1
+                ids.append((await stub.QueueJob(vs.QueueJobRequest(job=noop_job()))).job_id)
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        return ids
+
+
+async def assign_latencies(address: str, ids: list[str]) -> list[float]:
+    async with aio.insecure_channel(address) as channel:
+        stub = vs_grpc.VagrantStub(channel)
+        jobs = [await stub.GetJob(vs.GetJobRequest(job_id=i)) for i in ids]
+    return [(j.assign_time.ToMicroseconds() - j.queue_time.ToMicroseconds()) / 1000 for j in jobs]
+
+
+def _start_runners(address: str, streams: int, done: Any, stop: Any) -> list[Any]:
+    names = [f"bench-{i}" for i in range(streams)]
+    groups = [names[i::RUNNER_PROCESSES] for i in range(RUNNER_PROCESSES)]
+    procs = [
+        CTX.Process(target=_runner_main, args=(address, g, done, stop), daemon=True)
+        for g in groups
+        if g
+    ]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _wait_done(done: Any, count: int, timeout: float) -> float:
+    deadline = time.perf_counter() + timeout
+    while done.value < count:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"only {done.value} of {count} jobs finished")
+        time.sleep(0.005)
+    return time.perf_counter()
+
+
+def throughput(options: Options, results: Results, streams: int) -> float:
+    count = options.scale(5000, 1000)
+    with waystation_server(options) as server:
+        done, stop = CTX.Value("i", 0), CTX.Event()
+        procs = _start_runners(server.address, streams, done, stop)
+        time.sleep(1.0 + streams * 0.02)  # let every runner register and wait
+        start = time.perf_counter()
+        with CTX.Pool(1) as pool:
+            queued = pool.apply_async(
+                run_async_in_process, (queue_jobs, server.address, count, 64, 0.0)
+            )
+            end = _wait_done(done, count, 600)
+            queued.get(60)
+        stop.set()
+        for p in procs:
+            p.join(10)
+    rate = count / (end - start)
+    results.add("jobs", f"noop jobs/s, {streams} runner streams", rate, "jobs/s", f"{count} jobs")
+    return rate
+
+
+def latency(options: Options, results: Results) -> None:
+    seconds = options.scale(20, 5)
+    rate = 100.0
+    count = int(seconds * rate)
+    with waystation_server(options) as server:
+        done, stop = CTX.Value("i", 0), CTX.Event()
+        procs = _start_runners(server.address, 10, done, stop)
+        time.sleep(1.5)
+        with CTX.Pool(1) as pool:
+            ids = pool.apply(run_async_in_process, (queue_jobs, server.address, count, 1, rate))
+            _wait_done(done, count, 300)
+            lat = pool.apply(run_async_in_process, (assign_latencies, server.address, ids))
+        stop.set()
+        for p in procs:
+            p.join(10)
+    results.add("jobs", "queue->assign p50 at 100 jobs/s", percentile(lat, 50), "ms")
+    results.add("jobs", "queue->assign p99 at 100 jobs/s", percentile(lat, 99), "ms")
+
+
+def run(options: Options, results: Results) -> None:
+    for streams in (1, 10, 50):
+        throughput(options, results, streams)
+    latency(options, results)
