@@ -14,8 +14,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
+from waystation.client import Connection
 from waystation.config import ServerSettings, sqlite_url
 from waystation.engine.rules import Timeouts
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -88,8 +90,17 @@ async def server(settings: ServerSettings) -> AsyncIterator[RunningServer]:
 
 
 @pytest.fixture
-async def channel(server: RunningServer) -> AsyncIterator[aio.Channel]:
+async def token(server: RunningServer) -> str:
+    """The bootstrap login token of the fixture server (auth is on, as by default)."""
     async with aio.insecure_channel(server.address) as ch:
+        response = await vs_grpc.VagrantStub(ch).BootstrapToken(Empty())
+    return str(response.token)
+
+
+@pytest.fixture
+async def channel(server: RunningServer, token: str) -> AsyncIterator[aio.Channel]:
+    """A channel that sends the login token with every call."""
+    async with Connection(server.address, token).aio_channel() as ch:
         yield ch
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,21 @@ class ServerSettings:
     # Seconds that in-flight RPCs get to finish at shutdown.
     shutdown_grace: float = 10.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Off only in --dev mode, which refuses to listen beyond loopback.
+    auth: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def database_url(self) -> str:
         return self.db_url or sqlite_url(self.data_dir / "waystation.db")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.empty_pb2 import Empty
 from google.rpc import status_pb2
 from grpc import aio
 
+from waystation.client import Connection
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -89,10 +91,14 @@ async def expect_status(
 class ServerProcess:
     """`waystation server run` as a child process, for restart and crash tests."""
 
-    def __init__(self, data_dir: Path, db_url: str = "", *args: str) -> None:
+    def __init__(self, data_dir: Path, db_url: str = "", *args: str, auth: bool = False) -> None:
+        """With auth=False (most tests) the server runs in --dev mode; with auth=True
+        the first start bootstraps it and keeps the login token in `.token`."""
         self.data_dir = data_dir
         self.db_url = db_url
-        self.args = args
+        self.args = args if auth else ("--dev", *args)
+        self.auth = auth
+        self.token = ""
         self.log = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -112,11 +118,21 @@ class ServerProcess:
             found = re.search(r"listening on (\S+)", text)
             if found:
                 self.address = found.group(1)
+                if self.auth and not self.token:
+                    self.token = self._bootstrap()
                 return self.address
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
             time.sleep(0.05)
         raise TimeoutError(f"server did not start within {timeout}s")
+
+    def _bootstrap(self) -> str:
+        with grpc.insecure_channel(self.address) as channel:
+            response = vs_grpc.VagrantStub(channel).BootstrapToken(Empty(), timeout=30)
+            return str(response.token)
+
+    def connection(self) -> Connection:
+        return Connection(self.address, self.token)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None

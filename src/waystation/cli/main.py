@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import jobs, runner, server, state
-from waystation.cli.output import Context
+from waystation.cli import auth, jobs, runner, server, state
+from waystation.cli.output import Context, fail
+from waystation.client import Connection, Contexts
 from waystation.config import DEFAULT_ADDRESS
 
 app = typer.Typer(
@@ -21,6 +22,9 @@ app = typer.Typer(
 app.add_typer(server.app, name="server")
 app.add_typer(runner.app, name="runner")
 app.add_typer(jobs.app, name="job")
+app.add_typer(auth.token_app, name="token")
+app.add_typer(auth.context_app, name="context")
+app.command("login")(auth.login)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     jobs.run
 )
@@ -38,11 +42,30 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     address: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--address", "-a", envvar="WAYSTATION_ADDR", help="The server to talk to, HOST:PORT."
+            "--address",
+            "-a",
+            envvar="WAYSTATION_ADDR",
+            help=f"The server, HOST:PORT. [default: the context's, else {DEFAULT_ADDRESS}]",
+            show_default=False,
         ),
-    ] = DEFAULT_ADDRESS,
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="WAYSTATION_TOKEN", help="Token (default: the context's)."),
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option("--context", envvar="WAYSTATION_CONTEXT", help="Use this saved context."),
+    ] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    tls_ca: Annotated[
+        str | None, typer.Option("--tls-ca", help="CA bundle that signed the server's cert.")
+    ] = None,
+    tls_skip_verify: Annotated[
+        bool, typer.Option("--tls-skip-verify", help="TLS, trusting any server certificate.")
+    ] = False,
     version: Annotated[
         bool,
         typer.Option(
@@ -51,7 +74,22 @@ def root(
     ] = False,
 ) -> None:
     """Waystation: a control plane for provisioning jobs."""
-    ctx.obj = Context(address=address)
+    try:
+        saved = Contexts.load()
+    except ValueError as exc:
+        fail(str(exc))
+    name = context or saved.current
+    if context and context not in saved.contexts:
+        fail(f"no context {context!r}: see `waystation context list`")
+    base = saved.contexts.get(name) or Connection()
+    connection = Connection(
+        address=address or base.address,
+        token=token if token is not None else base.token,
+        tls=tls or base.tls,
+        tls_ca=tls_ca if tls_ca is not None else base.tls_ca,
+        tls_skip_verify=tls_skip_verify or base.tls_skip_verify,
+    )
+    ctx.obj = Context(connection, name)
 
 
 if __name__ == "__main__":

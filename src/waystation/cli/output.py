@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from waystation.config import MAX_MESSAGE_BYTES
+from waystation.client import Connection
 
 # Piped output is not cut to 80 columns: scripts and pagers get whole values.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
@@ -31,19 +31,18 @@ Resp = TypeVar("Resp")
 class Context:
     """What the root command parsed, handed to every subcommand."""
 
-    address: str
+    connection: Connection
+    context_name: str = ""
     _channel: grpc.Channel | None = None
+
+    @property
+    def address(self) -> str:
+        return self.connection.address
 
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(
-                self.address,
-                options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ],
-            )
+            self._channel = self.connection.channel()
         return self._channel
 
 
@@ -66,6 +65,8 @@ def rpc_errors(ctx: Context, about: str = "") -> Iterator[None]:
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()
         details: str = exc.details() or ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            fail(f"{details} (log in with `waystation login`, or pass --token)")
         if code == grpc.StatusCode.UNAVAILABLE:
             fail(
                 f"cannot reach the waystation server at {ctx.address} ({details}); "

@@ -59,6 +59,10 @@ def agent(
     c: Context = ctx.obj
     settings = AgentSettings(
         address=c.address,
+        token=c.connection.token,
+        tls=c.connection.tls,
+        tls_ca=c.connection.tls_ca,
+        tls_skip_verify=c.connection.tls_skip_verify,
         runner_id=runner_id or socket.gethostname(),
         data_dir=data_dir or Path(platformdirs.user_data_dir("waystation-runner", appauthor=False)),
         by_id_only=by_id_only,

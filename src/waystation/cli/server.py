@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir
+from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
 from waystation.durations import DurationError, parse_go_duration
-from waystation.engine.rules import Timeouts
+from waystation.engine.rules import Timeouts, now_us
 
 app = typer.Typer(help="Run the waystation server.", no_args_is_help=True)
 
@@ -55,6 +55,16 @@ def run(
         str,
         typer.Option("--poll-interval", help="How often to look for work other replicas changed."),
     ] = "2s",
+    dev: Annotated[
+        bool,
+        typer.Option("--dev", help="Development mode: no authentication (loopback only)."),
+    ] = False,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate chain to serve TLS with.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")
+    ] = None,
 ) -> None:
     """Serve the Vagrant and provisionerd protocols until SIGINT or SIGTERM."""
     level = getattr(logging, log_level.upper(), None)
@@ -68,12 +78,26 @@ def run(
         heartbeat=_seconds(heartbeat_timeout, "--heartbeat-timeout"),
         poll=_seconds(poll_interval, "--poll-interval"),
     )
+    host = listen.rsplit(":", 1)[0]
+    if dev and not is_loopback(host):
+        raise typer.BadParameter(
+            f"--dev turns authentication off, so it listens on loopback only, not {host}",
+            param_hint="--listen",
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key", param_hint="--tls-cert")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert")
     settings = ServerSettings(
         listen=listen,
         data_dir=data_dir or default_data_dir(),
         db_url=db or None,
         fsync=fsync,
         timeouts=timeouts,
+        auth=not dev,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     from waystation.server.app import serve  # the CLI's other commands need no server code
 
@@ -92,3 +116,58 @@ def _seconds(text: str, flag: str) -> float:
     if seconds <= 0:
         raise typer.BadParameter("must be positive", param_hint=flag)
     return seconds
+
+
+# -- signing keys, straight on the database (no server needed) ------------------------
+
+keys_app = typer.Typer(help="Token signing keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", envvar="WAYSTATION_DATA_DIR", show_default=False)
+]
+Db = Annotated[str, typer.Option("--db", envvar="WAYSTATION_DB", show_default=False)]
+
+
+def _store_write(data_dir: Path | None, db: str, fn: Any, *args: Any) -> Any:
+    from waystation.store import Store
+
+    settings = ServerSettings(data_dir=data_dir or default_data_dir(), db_url=db or None)
+    store = Store.open(settings.database_url)
+    try:
+        return store.db.run_sync(lambda conn: fn(conn, *args))
+    finally:
+        asyncio.run(store.close())
+
+
+@keys_app.command("rotate")
+def keys_rotate(data_dir: DataDir = None, db: Db = "") -> None:
+    """Add a signing key; tokens signed by older keys keep working until retired."""
+    from waystation.store import auth
+
+    key_id = _store_write(data_dir, db, auth.keys_rotate, now_us())
+    typer.echo(f"new signing key {key_id}")
+
+
+@keys_app.command("retire")
+def keys_retire(key_id: str, data_dir: DataDir = None, db: Db = "") -> None:
+    """Retire a key: tokens it signed stop working (within seconds on every server)."""
+    from waystation.errors import WaystationError
+    from waystation.store import auth
+
+    try:
+        _store_write(data_dir, db, auth.keys_retire, key_id, now_us())
+    except WaystationError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"retired {key_id}")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None, db: Db = "") -> None:
+    """List signing keys."""
+    from waystation.store import auth
+
+    for key_id, created, retired in _store_write(data_dir, db, auth.keys_list):
+        state = "retired" if retired else "active"
+        typer.echo(f"{key_id}\t{state}\tcreated {created // 1_000_000}")

@@ -22,7 +22,7 @@ import grpc
 from google.rpc import code_pb2
 from grpc import aio
 
-from waystation.config import MAX_MESSAGE_BYTES
+from waystation.client import Connection
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.runner.operations import JobFailed, Runtime, execute
@@ -44,6 +44,13 @@ class AgentSettings:
     heartbeat: float = 15.0  # seconds between heartbeats while a job runs
     max_jobs: int | None = None  # stop after this many jobs (tests, burst mode)
     backoff_max: float = 30.0
+    token: str = ""  # a login token (`waystation token login`)
+    tls: bool = False
+    tls_ca: str = ""
+    tls_skip_verify: bool = False
+
+    def connection(self) -> Connection:
+        return Connection(self.address, self.token, self.tls, self.tls_ca, self.tls_skip_verify)
 
 
 @dataclass
@@ -64,16 +71,18 @@ class Agent:
         delay = 0.5
         while not self._stop.is_set() and not self._quota_reached():
             try:
-                async with aio.insecure_channel(
-                    self.settings.address,
-                    options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-                ) as channel:
+                async with self.settings.connection().aio_channel() as channel:
                     await self._session(vs_grpc.VagrantStub(channel))
                     delay = 0.5
             except aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.error("server refused the runner: %s: %s", exc.code().name, exc.details())
-                    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                    if exc.code() in (
+                        grpc.StatusCode.NOT_FOUND,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                    ):
                         raise
                 self.registered.clear()
                 wait = delay * random.uniform(0.8, 1.2)

@@ -6,9 +6,10 @@ from typing import Any
 
 from grpc import aio
 
+from waystation.auth.service import Authenticator
 from waystation.engine.engine import JobEngine
 from waystation.engine.rules import now_us
-from waystation.errors import FailedPrecondition
+from waystation.errors import FailedPrecondition, InvalidArgument
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc
@@ -22,9 +23,10 @@ Ctx = aio.ServicerContext[Any, Any]
 
 
 class AdminService:
-    def __init__(self, engine: JobEngine) -> None:
+    def __init__(self, engine: JobEngine, auth: Authenticator) -> None:
         self.engine = engine
         self.store = engine.store
+        self.auth = auth
         fill_unimplemented(self, DESCRIPTOR)
 
     @rpc
@@ -73,3 +75,12 @@ class AdminService:
             raise FailedPrecondition("job_id is required")
         position, blocker = await self.engine.db.read(job_tx.job_queue_position, request.job_id)
         return admin.GetQueuePositionResponse(position=position, blocked_by=blocker)
+
+    @rpc
+    async def RevokeToken(
+        self, request: admin.RevokeTokenRequest, context: Ctx
+    ) -> admin.RevokeTokenResponse:
+        token_id = request.token_id.lower()
+        if len(token_id) != 32 or any(c not in "0123456789abcdef" for c in token_id):
+            raise InvalidArgument("token_id must be 32 hex digits (waystation token inspect)")
+        return admin.RevokeTokenResponse(revoked=await self.auth.revoke(token_id))

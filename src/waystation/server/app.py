@@ -8,18 +8,21 @@ import signal
 from dataclasses import dataclass
 from typing import cast
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # health.aio, spelled for mypy
 from grpc_reflection.v1alpha import reflection
 
 import waystation
-from waystation.config import MAX_MESSAGE_BYTES, ServerSettings
+from waystation.auth.service import Authenticator
+from waystation.config import MAX_MESSAGE_BYTES, ServerSettings, is_loopback
 from waystation.engine.engine import JobEngine
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server import admin, provisionerd, vagrant
+from waystation.server.auth import Guard
 from waystation.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,22 +53,24 @@ class RunningServer:
 async def start(settings: ServerSettings) -> RunningServer:
     store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
     engine = JobEngine(store, settings.timeouts)
+    authenticator = Authenticator(store.db)
     server = aio.server(
+        interceptors=[Guard(authenticator, enabled=settings.auth)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
     vs_grpc.add_VagrantServicer_to_server(
-        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine)), server
+        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator)), server
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
         cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService()), server
     )
     admin_grpc.add_AdminServicer_to_server(
-        cast(admin_grpc.AdminServicer, admin.AdminService(engine)), server
+        cast(admin_grpc.AdminServicer, admin.AdminService(engine, authenticator)), server
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -73,8 +78,14 @@ async def start(settings: ServerSettings) -> RunningServer:
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(settings.listen)
-    except RuntimeError as exc:
+        if settings.tls_cert and settings.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            port = server.add_secure_port(settings.listen, credentials)
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except (RuntimeError, OSError) as exc:
         await store.close()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     host = settings.listen.rsplit(":", 1)[0]
@@ -84,6 +95,12 @@ async def start(settings: ServerSettings) -> RunningServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{host}:{port}"
     log.info("waystation %s listening on %s", waystation.__version__, address)
+    if not settings.auth:
+        log.warning(
+            "DEV MODE: authentication is OFF; anyone who reaches %s can do anything", address
+        )
+    if not settings.tls_cert and not is_loopback(host):
+        log.warning("listening beyond loopback without TLS: tokens cross the network in clear")
     return RunningServer(server, engine, health_servicer, address)
 
 

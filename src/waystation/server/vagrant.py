@@ -8,12 +8,14 @@ from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
 import waystation
+from waystation.auth.service import Authenticator
 from waystation.engine.engine import JobEngine
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.server.vagrant_jobs import JobRPCs
 from waystation.server.vagrant_runners import RunnerRPCs
 from waystation.server.vagrant_state import StateRPCs
+from waystation.server.vagrant_tokens import TokenRPCs
 
 DESCRIPTOR = vs.DESCRIPTOR.services_by_name["Vagrant"]
 SERVICE = DESCRIPTOR.full_name
@@ -23,10 +25,11 @@ API_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 ENTRYPOINT_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 
 
-class VagrantService(StateRPCs, JobRPCs, RunnerRPCs):
-    def __init__(self, engine: JobEngine) -> None:
+class VagrantService(StateRPCs, JobRPCs, RunnerRPCs, TokenRPCs):
+    def __init__(self, engine: JobEngine, auth: Authenticator) -> None:
         self.engine = engine
         self.store = engine.store
+        self.auth = auth
         fill_unimplemented(self, DESCRIPTOR)
 
     async def GetVersionInfo(

@@ -154,3 +154,29 @@ config_vars = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+# -- authentication ---------------------------------------------------------------
+
+auth_keys = sa.Table(
+    "auth_keys",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # k1, k2, ...: the token's key_id
+    sa.Column("key", sa.LargeBinary, nullable=False),  # 32 bytes for keyed BLAKE2b
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    # A retired key verifies nothing; the newest active key signs.
+    sa.Column("retired_at", sa.BigInteger),
+)
+
+server_flags = sa.Table(
+    "server_flags",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),  # e.g. "bootstrapped": set once, ever
+    sa.Column("set_at", sa.BigInteger, nullable=False),
+)
+
+revoked_tokens = sa.Table(
+    "revoked_tokens",
+    metadata,
+    sa.Column("token_id", sa.Text, primary_key=True),  # hex of Token.token_id
+    sa.Column("revoked_at", sa.BigInteger, nullable=False),
+)

@@ -56,6 +56,11 @@ class AdminStub:
                 request_serializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.SerializeToString,
                 response_deserializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/waystation.v1.Admin/RevokeToken',
+                request_serializer=waystation_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=waystation_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
         self.ListRunners = channel.unary_unary(
                 '/waystation.v1.Admin/ListRunners',
                 request_serializer=waystation_dot_v1_dot_admin__pb2.ListRunnersRequest.SerializeToString,
@@ -105,6 +110,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Revoke a token by its id (hex of Token.token_id, as `waystation token
+        revoke` prints it): refused at once by every server sharing the database.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRunners(self, request, context):
         """Every runner the server knows, with whether it is online now.
         """
@@ -142,6 +155,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetQueuePosition,
                     request_deserializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.FromString,
                     response_serializer=waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=waystation_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=waystation_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
             ),
             'ListRunners': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRunners,
@@ -262,6 +280,33 @@ class Admin:
             '/waystation.v1.Admin/GetQueuePosition',
             waystation_dot_v1_dot_admin__pb2.GetQueuePositionRequest.SerializeToString,
             waystation_dot_v1_dot_admin__pb2.GetQueuePositionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Admin/RevokeToken',
+            waystation_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            waystation_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

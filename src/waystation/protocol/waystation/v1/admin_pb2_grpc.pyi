@@ -53,6 +53,10 @@ class AdminStub:
     compete for the same runners, and the job holding its scope if a
     serialized (Command) job is blocked.
     """
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.RevokeTokenResponse]
+    """Revoke a token by its id (hex of Token.token_id, as `waystation token
+    revoke` prints it): refused at once by every server sharing the database.
+    """
     ListRunners: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRunnersRequest, _admin_pb2.ListRunnersResponse]
     """Every runner the server knows, with whether it is online now."""
     ConfigGet: _grpc.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]
@@ -79,6 +83,10 @@ class AdminAsyncStub(AdminStub):
     """Where a QUEUED job stands: its position among the QUEUED jobs that
     compete for the same runners, and the job holding its scope if a
     serialized (Command) job is blocked.
+    """
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """Revoke a token by its id (hex of Token.token_id, as `waystation token
+    revoke` prints it): refused at once by every server sharing the database.
     """
     ListRunners: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRunnersRequest, _admin_pb2.ListRunnersResponse]  # type: ignore[assignment]
     """Every runner the server knows, with whether it is online now."""
@@ -127,6 +135,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Where a QUEUED job stands: its position among the QUEUED jobs that
         compete for the same runners, and the job holding its scope if a
         serialized (Command) job is blocked.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _admin_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeTokenResponse, _abc.Awaitable[_admin_pb2.RevokeTokenResponse]]:
+        """Revoke a token by its id (hex of Token.token_id, as `waystation token
+        revoke` prints it): refused at once by every server sharing the database.
         """
 
     @_abc_1.abstractmethod

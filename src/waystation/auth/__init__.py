@@ -1,0 +1,1 @@
+"""Authentication: token format, minting and checking."""
