@@ -22,30 +22,21 @@ from bench.common import (
     run_async_in_process,
     waystation_server,
 )
-from bench.jobs import assign_latencies, queue_jobs, register
-from waystation.protocol import vagrant_server_pb2 as vs
+from bench.jobs import assign_latencies, queue_jobs, register, run_jobs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 
-Req = vs.RunnerJobStreamRequest
 PER_CHANNEL = 1000  # runners per HTTP/2 connection
 PROCESSES = 2
 
 
 async def _idle_runner(stub: Any, name: str, stop: Any) -> None:
     config = await register(stub, name)
-    while not stop.is_set():
-        call = stub.RunnerJobStream()
-        await call.write(Req(request=Req.Request(runner_id=name)))
-        response = await call.read()
-        if response is aio.EOF:  # type: ignore[attr-defined]
-            continue
-        await call.write(Req(ack=Req.Ack()))
-        await call.write(Req(complete=Req.Complete()))
-        await call.done_writing()
-        await call.read()
-    config.cancel()
+    try:
+        await run_jobs(stub, name, lambda: None, stop)
+    finally:
+        config.cancel()
 
 
 async def _process(address: str, names: list[str], stop: Any) -> None:

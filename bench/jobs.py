@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from grpc import aio
@@ -41,7 +42,7 @@ async def register(stub: Any, runner_id: str) -> Any:
     return call
 
 
-async def run_jobs(stub: Any, runner_id: str, done: Any, stop: Any) -> None:
+async def run_jobs(stub: Any, runner_id: str, on_done: Callable[[], None], stop: Any) -> None:
     """One runner stream after another: take a job, ack it, complete it."""
     while not stop.is_set():
         call = stub.RunnerJobStream()
@@ -53,15 +54,17 @@ async def run_jobs(stub: Any, runner_id: str, done: Any, stop: Any) -> None:
         await call.write(Req(complete=Req.Complete()))
         await call.done_writing()
         await call.read()  # EOF: the server closed the stream
-        with done.get_lock():
-            done.value += 1
+        on_done()
 
 
 async def runner_process(address: str, names: list[str], done: Any, stop: Any) -> None:
     async with aio.insecure_channel(address) as channel:
         stub = vs_grpc.VagrantStub(channel)
         configs = [await register(stub, name) for name in names]
-        workers = [asyncio.ensure_future(run_jobs(stub, name, done, stop)) for name in names]
+        workers = [
+            asyncio.ensure_future(run_jobs(stub, name, lambda: _count(done), stop))
+            for name in names
+        ]
         while not stop.is_set():
             await asyncio.sleep(0.05)
         for task in workers:
@@ -69,6 +72,11 @@ async def runner_process(address: str, names: list[str], done: Any, stop: Any) -
         for call in configs:
             call.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+def _count(done: Any) -> None:
+    with done.get_lock():
+        done.value += 1
 
 
 def _runner_main(address: str, names: list[str], done: Any, stop: Any) -> None:
