@@ -71,3 +71,26 @@ def test_listen_failure_is_one_clear_error(tmp_path: Path) -> None:
         raise AssertionError("a second server bound the same address")
     finally:
         first.stop()
+
+
+def test_reflection_lists_every_service(tmp_path: Path) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    server = t.ServerProcess(tmp_path / "data")
+    address = server.start()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+            names = {s.name for s in response.list_services_response.service}
+            assert set(SERVICES) <= names
+            assert "grpc.health.v1.Health" in names
+            # And the files describing them, so that grpcurl can build requests.
+            file_request = reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="hashicorp.vagrant.Vagrant"
+            )
+            (described,) = list(stub.ServerReflectionInfo(iter([file_request]), timeout=10))
+            assert described.file_descriptor_response.file_descriptor_proto
+    finally:
+        server.stop()
