@@ -37,6 +37,10 @@ class Connection:
     tls_ca: str = ""  # a CA bundle to trust instead of the system's
     tls_skip_verify: bool = False  # trust whatever certificate the server shows
 
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or bool(self.tls_ca) or self.tls_skip_verify
+
     def metadata(self) -> list[tuple[str, str]]:
         md = [PROTOCOL]
         if self.token:
@@ -60,7 +64,7 @@ class Connection:
 
     def channel(self) -> grpc.Channel:
         """A blocking channel (the CLI) that sends our metadata on every call."""
-        if self.tls or self.tls_ca or self.tls_skip_verify:
+        if self.uses_tls:
             raw = grpc.secure_channel(self.address, self._credentials(), options=self._options())
         else:
             raw = grpc.insecure_channel(self.address, options=self._options())
@@ -72,7 +76,7 @@ class Connection:
         kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
         interceptors: Any = [kind(md) for kind in kinds]
         opts = [*self._options(), *options]
-        if self.tls or self.tls_ca or self.tls_skip_verify:
+        if self.uses_tls:
             return aio.secure_channel(
                 self.address, self._credentials(), options=opts, interceptors=interceptors
             )
@@ -83,9 +87,9 @@ def _cert_name(address: str) -> str:
     host, _, port = address.rpartition(":")
     pem = ssl.get_server_certificate((host.strip("[]"), int(port)))
     der = ssl.PEM_cert_to_DER_cert(pem)
-    # The common name is enough for our self-signed certificates.
+    # The subject's common name: the last one (the issuer's comes first).
     marker = b"\x06\x03\x55\x04\x03"  # OID 2.5.4.3, commonName
-    at = der.find(marker)
+    at = der.rfind(marker)
     if at < 0:
         return host
     length = der[at + len(marker) + 1]

@@ -25,16 +25,24 @@ class Authenticator:
     _keys: dict[str, bytes] = field(default_factory=dict)
     _keys_at: float = -1e9
 
-    async def _active_keys(self) -> dict[str, bytes]:
-        if time.monotonic() - self._keys_at > KEY_CACHE_SECONDS:
+    async def _active_keys(self, *, fresh: bool = False) -> dict[str, bytes]:
+        if fresh or time.monotonic() - self._keys_at > KEY_CACHE_SECONDS:
             self._keys = await self.db.read(active_keys)
             self._keys_at = time.monotonic()
         return self._keys
 
+    async def _decode(self, text: str) -> tuple[vs.Token, vs.TokenTransport]:
+        try:
+            return tokens.decode(text, await self._active_keys(), _now())
+        except Unauthenticated as exc:
+            if exc.message != tokens.UNKNOWN_KEY:
+                raise
+        # A key made since the cache was filled (a rotation, the first key): look again.
+        return tokens.decode(text, await self._active_keys(fresh=True), _now())
+
     async def verify(self, text: str) -> vs.Token:
         """The token's claims, or Unauthenticated with a precise reason."""
-        keys = await self._active_keys()
-        token, _ = tokens.decode(text, keys, _now())
+        token, _ = await self._decode(text)
         await self._not_revoked(token)
         return token
 
@@ -49,9 +57,10 @@ class Authenticator:
         return tokens.encode(token, key_id, key, metadata)
 
     async def bootstrap(self) -> str:
-        if not await self.db.write(bootstrap, now_us()):
+        key = await self.db.write(bootstrap, now_us())
+        if key is None:
             raise PermissionDenied("server is already bootstrapped")
-        return await self.mint(tokens.login_token())
+        return tokens.encode(tokens.login_token(), *key)
 
     async def login(self, entrypoint: vs.Token.Entrypoint | None = None) -> str:
         return await self.mint(tokens.login_token(entrypoint=entrypoint))
@@ -62,8 +71,7 @@ class Authenticator:
         return await self.mint(tokens.invite_token(duration, entrypoint=entrypoint, now=_now()))
 
     async def convert_invite(self, text: str) -> str:
-        keys = await self._active_keys()
-        token, transport = tokens.decode(text, keys, _now())
+        token, transport = await self._decode(text)
         if not token.invite:
             raise PermissionDenied("token is not an invite token")
         await self._not_revoked(token)

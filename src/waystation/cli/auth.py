@@ -27,6 +27,14 @@ def login(
     name: Annotated[
         str, typer.Option("--name", help="Save as this context. [default: the address]")
     ] = "",
+    address: Annotated[
+        str | None, typer.Option("--address", "-a", help="The server, HOST:PORT.")
+    ] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Connect with TLS.")] = False,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="CA bundle to trust.")] = None,
+    tls_skip_verify: Annotated[
+        bool, typer.Option("--tls-skip-verify", help="Trust any server certificate.")
+    ] = False,
 ) -> None:
     """Log in: bootstrap a fresh server, or turn an invite into a login token.
 
@@ -34,7 +42,15 @@ def login(
     bootstrap token. Elsewhere, `waystation login --invite TOKEN --address
     HOST:PORT`. The token is saved (mode 0600) as a context and made current.
     """
-    c: Context = ctx.obj
+    base: Context = ctx.obj
+    c = Context(
+        Connection(
+            address=address or base.connection.address,
+            tls=tls or base.connection.tls,
+            tls_ca=tls_ca if tls_ca is not None else base.connection.tls_ca,
+            tls_skip_verify=tls_skip_verify or base.connection.tls_skip_verify,
+        )
+    )
     stub = vs_grpc.VagrantStub(c.channel)
     if invite:
         request = vs.ConvertInviteTokenRequest(token=invite)
@@ -85,12 +101,14 @@ def login_token(ctx: typer.Context) -> None:
 
 @token_app.command("inspect")
 def inspect_token(
-    token: Annotated[str, typer.Argument(help="A token (default: the current one).")] = "",
+    ctx: typer.Context,
+    token: Annotated[str, typer.Argument(help="A token (default: the one in use).")] = "",
 ) -> None:
     """Show a token's id (for revoke) and claims, without checking its signature."""
     from waystation.auth.tokens import unverified
 
-    text = token or (Contexts.load().active() or Connection()).token
+    c: Context = ctx.obj
+    text = token or c.connection.token
     if not text:
         fail("no token given and none saved: pass one")
     try:
@@ -120,7 +138,7 @@ def context_list() -> None:
     """List saved contexts; the current one is marked."""
     saved = Contexts.load()
     rows = [
-        ["*" if name == saved.current else "", name, conn.address, "yes" if conn.tls else "no"]
+        ["*" if name == saved.current else "", name, conn.address, "yes" if conn.uses_tls else "no"]
         for name, conn in sorted(saved.contexts.items())
     ]
     print_table(["", "name", "address", "tls"], rows, "no contexts: run `waystation login`")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC core logs (e.g. a failed TLS handshake) would add lines to our one-line errors.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from typing import Annotated
 
 import typer

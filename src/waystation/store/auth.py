@@ -10,12 +10,28 @@ from __future__ import annotations
 import secrets
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from waystation.errors import FailedPrecondition, NotFound
 from waystation.store.schema import auth_keys, revoked_tokens, server_flags
 
 KEY_BYTES = 32
+
+
+def _insert_if_absent(conn: Connection, table: sa.Table, **values: object) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING: True if this call inserted the row.
+
+    Check-then-insert would race between replicas under READ COMMITTED."""
+    statement: sa.Insert
+    if conn.dialect.name == "postgresql":
+        statement = pg_insert(table).values(**values).on_conflict_do_nothing()
+    else:
+        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+    # RETURNING, not rowcount: the drivers disagree on rowcount here.
+    key = next(iter(table.primary_key.columns))
+    return conn.execute(statement.returning(key)).first() is not None
 
 
 def signing_key(conn: Connection, now: int) -> tuple[str, bytes]:
@@ -48,14 +64,14 @@ def active_keys(conn: Connection) -> dict[str, bytes]:
 
 def keys_rotate(conn: Connection, now: int) -> str:
     """Add a key that signs from now on; older active keys still verify."""
-    numbers = [
-        int(k[1:]) for k in conn.execute(sa.select(auth_keys.c.id)).scalars() if k[1:].isdigit()
-    ]
-    key_id = f"k{max(numbers, default=0) + 1}"
-    conn.execute(
-        sa.insert(auth_keys).values(id=key_id, key=secrets.token_bytes(KEY_BYTES), created_at=now)
-    )
-    return key_id
+    while True:  # another replica may take the same number: then try the next
+        numbers = [
+            int(k[1:]) for k in conn.execute(sa.select(auth_keys.c.id)).scalars() if k[1:].isdigit()
+        ]
+        key_id = f"k{max(numbers, default=0) + 1}"
+        key = secrets.token_bytes(KEY_BYTES)
+        if _insert_if_absent(conn, auth_keys, id=key_id, key=key, created_at=now):
+            return key_id
 
 
 def keys_retire(conn: Connection, key_id: str, now: int) -> None:
@@ -77,25 +93,19 @@ def keys_list(conn: Connection) -> list[tuple[str, int, int | None]]:
     return [(r.id, r.created_at, r.retired_at) for r in rows]
 
 
-def bootstrap(conn: Connection, now: int) -> bool:
-    """True the first time ever, False afterwards (on any replica)."""
-    exists = conn.execute(
-        sa.select(server_flags.c.name).where(server_flags.c.name == "bootstrapped")
-    ).first()
-    if exists is not None:
-        return False
-    conn.execute(sa.insert(server_flags).values(name="bootstrapped", set_at=now))
-    return True
+def bootstrap(conn: Connection, now: int) -> tuple[str, bytes] | None:
+    """The signing key the first time ever (on any replica), None afterwards.
+
+    Flag and key in one transaction: a crash cannot leave the server marked
+    bootstrapped with no way to sign the bootstrap token."""
+    if not _insert_if_absent(conn, server_flags, name="bootstrapped", set_at=now):
+        return None
+    return signing_key(conn, now)
 
 
 def revoke(conn: Connection, token_id: str, now: int) -> bool:
     """Revoke a token id (hex); False if it already was."""
-    if conn.execute(
-        sa.select(revoked_tokens.c.token_id).where(revoked_tokens.c.token_id == token_id)
-    ).first():
-        return False
-    conn.execute(sa.insert(revoked_tokens).values(token_id=token_id, revoked_at=now))
-    return True
+    return _insert_if_absent(conn, revoked_tokens, token_id=token_id, revoked_at=now)
 
 
 def is_revoked(conn: Connection, token_id: str) -> bool:
