@@ -29,6 +29,7 @@ from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
+from waystation.testing import assert_cli_error, cli_table, show
 
 DOWN = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -72,40 +73,17 @@ def cli(address: str, command: str, *extra: str) -> subprocess.CompletedProcess[
     )
 
 
-def _show(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
 def ok(address: str, command: str, *extra: str) -> str:
     """Run a command that must succeed, with no traceback; return its stdout."""
     result = cli(address, command, *extra)
-    assert result.returncode == 0, _show(result)
-    assert "Traceback" not in result.stderr, _show(result)
+    assert result.returncode == 0, show(result)
+    assert "Traceback" not in result.stderr, show(result)
     return result.stdout
 
 
 def ok_json(address: str, command: str, *extra: str) -> Any:
     """Run a command with --json that must succeed; return what it printed, parsed."""
     return json.loads(ok(address, command, *extra, "--json"))
-
-
-def assert_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit 1, nothing on stdout, exactly one `error: ...` line on stderr, no traceback."""
-    assert "Traceback" not in result.stderr + result.stdout, _show(result)
-    assert result.returncode == 1, _show(result)
-    assert result.stdout == "", _show(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, _show(result)
-    assert lines[0].startswith("error: "), _show(result)
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def table(stdout: str) -> tuple[list[str], list[list[str]]]:
-    """A `list` table as its header and rows, split on runs of spaces."""
-    header, *rows = (line.split() for line in stdout.splitlines() if line.strip())
-    return header, rows
 
 
 class Direct:
@@ -169,7 +147,7 @@ def test_basis_upsert_list_get_update_delete(address: str, tmp_path: Path) -> No
     assert again["resource_id"] == rid, "upserting the same name made a second basis"
     assert again["path"] == two
 
-    header, rows = table(ok(address, "basis list"))
+    header, rows = cli_table(ok(address, "basis list"))
     assert header == ["NAME", "ID"]
     assert ["cli-home", rid] in rows
 
@@ -183,7 +161,7 @@ def test_basis_upsert_list_get_update_delete(address: str, tmp_path: Path) -> No
     assert (got["resource_id"], got["name"], got["path"]) == (rid, "cli-home", two)
 
     assert ok(address, "basis delete cli-home").strip() == f"deleted basis cli-home ({rid})"
-    assert_error(cli(address, "basis get cli-home"), "not found", "'cli-home'")
+    assert_cli_error(cli(address, "basis get cli-home"), "not found", "'cli-home'")
 
 
 # -- projects and targets --------------------------------------------------------
@@ -196,7 +174,7 @@ def test_project_and_target_lifecycle(address: str, direct: Direct, tmp_path: Pa
     pid = project["resource_id"]
     assert project["basis"]["resource_id"] == basis.resource_id
 
-    header, rows = table(ok(address, "project list"))
+    header, rows = cli_table(ok(address, "project list"))
     assert header == ["NAME", "BASIS", "PATH", "ID"]
     assert ["cli-pt-web", "cli-pt-basis", web, pid] in rows
 
@@ -209,9 +187,9 @@ def test_project_and_target_lifecycle(address: str, direct: Direct, tmp_path: Pa
     assert target["state"] == "CREATED" and target["project"]["resource_id"] == pid
 
     bogus = cli(address, "target upsert cli-pt-vm2 --project cli-pt-web --state bogus")
-    assert_error(bogus, "--state must be one of", "CREATED", "'bogus'")
+    assert_cli_error(bogus, "--state must be one of", "CREATED", "'bogus'")
 
-    header, rows = table(ok(address, "target list --project cli-pt-web"))
+    header, rows = cli_table(ok(address, "target list --project cli-pt-web"))
     assert header == ["NAME", "PROJECT", "ID"]
     assert rows == [["cli-pt-vm", "cli-pt-web", tid]], "a bogus state still made a target"
 
@@ -246,7 +224,7 @@ def test_box_versions_constraints_and_delete(address: str, direct: Direct) -> No
     best = ok_json(address, "box get cli/boxy --version '~> 1.2'")
     assert (best["version"], best["resource_id"]) == ("1.10.0", ids["1.10.0"])
 
-    assert_error(cli(address, "box get cli/boxy --version '>= 9'"), "no box", "'cli/boxy'")
+    assert_cli_error(cli(address, "box get cli/boxy --version '>= 9'"), "no box", "'cli/boxy'")
 
     listed = [b for b in ok_json(address, "box list") if b["name"] == "cli/boxy"]
     assert sorted((b["version"], b["provider"], b["resource_id"]) for b in listed) == [
@@ -277,7 +255,7 @@ def test_errors_are_one_line_and_exit_1(
     address: str, command: str, extra: tuple[str, ...], fragments: list[str]
 ) -> None:
     # --address on the command line wins over WAYSTATION_ADDR, which points at a live server.
-    assert_error(cli(address, command, *extra), *fragments)
+    assert_cli_error(cli(address, command, *extra), *fragments)
 
 
 # -- on each backend -------------------------------------------------------------
@@ -308,7 +286,7 @@ def test_scenario_on_each_backend(backend_url: str, tmp_path: Path) -> None:
 
 
 def test_error_with_brackets_in_the_input_is_one_line(address: str) -> None:
-    assert_error(cli(address, "basis get", "[/x]"), "not found", "'[/x]'")
+    assert_cli_error(cli(address, "basis get", "[/x]"), "not found", "'[/x]'")
 
 
 def test_values_with_brackets_are_printed_verbatim(
@@ -326,7 +304,7 @@ def test_list_table_does_not_cut_long_paths(address: str, direct: Direct, tmp_pa
     path = "/home/alice/src/github.com/example/infrastructure/environments/staging/web"
     try:
         project = direct.project(basis, "cli-cut-web", path)
-        _, rows = table(ok(address, "project list"))
+        _, rows = cli_table(ok(address, "project list"))
         assert ["cli-cut-web", "cli-cut-basis", path, project.resource_id] in rows
     finally:
         direct.delete_basis(basis.name)
@@ -342,7 +320,7 @@ def test_target_commands_can_name_the_basis_of_an_ambiguous_project(
         direct.project(two, "cli-amb-web", str(tmp_path / "two" / "web"))
         vm = direct.target(project, "cli-amb-vm")
         out = ok(address, "target list --project cli-amb-web --basis cli-amb-one")
-        assert table(out)[1] == [["cli-amb-vm", "cli-amb-web", vm.resource_id]]
+        assert cli_table(out)[1] == [["cli-amb-vm", "cli-amb-web", vm.resource_id]]
     finally:
         direct.delete_basis(one.name)
         direct.delete_basis(two.name)
@@ -355,7 +333,7 @@ def test_target_get_by_name_without_project_says_what_is_missing(
     try:
         direct.target(direct.project(basis, "cli-tg-web", str(tmp_path / "web")), "cli-tg-vm")
         result = cli(address, "target get cli-tg-vm")
-        assert result.returncode == 0 or "--project" in result.stderr, _show(result)
+        assert result.returncode == 0 or "--project" in result.stderr, show(result)
     finally:
         direct.delete_basis(basis.name)
 
@@ -369,6 +347,6 @@ def test_client_commands_do_not_import_the_storage_stack(address: str) -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, _show(result)
+    assert result.returncode == 0, show(result)
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     assert not {"sqlalchemy", "alembic"} & imported

@@ -35,6 +35,7 @@ from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
+from waystation.testing import assert_cli_error, cli_table, show
 
 RUNNER = "r1"
 QUEUED_RE = re.compile(r"queued job (\w+)")
@@ -85,17 +86,13 @@ def cli_once(address: str, command: str) -> subprocess.CompletedProcess[str]:
     return cli(address, command)
 
 
-def _show(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
 def ran(
     address: str, command: str, *extra: str, status: int = 0
 ) -> subprocess.CompletedProcess[str]:
     """Run a command that must exit with `status` and print no traceback."""
     result = cli(address, command, *extra)
-    assert result.returncode == status, _show(result)
-    assert "Traceback" not in result.stderr + result.stdout, _show(result)
+    assert result.returncode == status, show(result)
+    assert "Traceback" not in result.stderr + result.stdout, show(result)
     return result
 
 
@@ -110,32 +107,13 @@ def ok_json(address: str, command: str, *extra: str) -> Any:
 def queued_id(result: subprocess.CompletedProcess[str]) -> str:
     """The job id `waystation run` reports on stderr."""
     found = QUEUED_RE.search(result.stderr)
-    assert found, _show(result)
+    assert found, show(result)
     return found.group(1)
-
-
-def assert_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit 1, nothing on stdout, exactly one `error: ...` line on stderr, no traceback."""
-    assert "Traceback" not in result.stderr + result.stdout, _show(result)
-    assert result.returncode == 1, _show(result)
-    assert result.stdout == "", _show(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, _show(result)
-    assert lines[0].startswith("error: "), _show(result)
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-def table(stdout: str) -> tuple[list[str], list[list[str]]]:
-    """A table as its header and rows, split on runs of spaces."""
-    header, *rows = (line.split() for line in stdout.splitlines() if line.strip())
-    return header, rows
 
 
 def row_of(stdout: str, first: str) -> list[str]:
     """The table row whose first cell is `first`."""
-    found = [row for row in table(stdout)[1] if row and row[0] == first]
+    found = [row for row in cli_table(stdout)[1] if row and row[0] == first]
     assert len(found) == 1, f"{first!r} not once in:\n{stdout}"
     return found[0]
 
@@ -246,9 +224,9 @@ def test_newcomer_runs_up_status_exec_and_destroy_on_a_fresh_server(
     assert not direct.vagrant.ListProjects(Empty(), timeout=10).projects, "not a fresh server"
 
     up = ran(address, "run up --target web")
-    assert "booted and ready" in up.stdout, _show(up)
-    assert "created target web in project default" in up.stderr, _show(up)
-    assert f"job {queued_id(up)} succeeded" in up.stderr, _show(up)
+    assert "booted and ready" in up.stdout, show(up)
+    assert "created target web in project default" in up.stderr, show(up)
+    assert f"job {queued_id(up)} succeeded" in up.stderr, show(up)
 
     web = ok_json(address, "target get web")
     assert (web["name"], web["state"]) == ("web", "CREATED")
@@ -256,21 +234,21 @@ def test_newcomer_runs_up_status_exec_and_destroy_on_a_fresh_server(
     assert web["project"]["basis"]["name"] == "default"
 
     status = ran(address, "run status --target web")
-    header, rows = table(status.stdout)
-    assert header == ["NAME", "STATE", "PROVIDER", "PID"], _show(status)
-    assert rows[0][:3] == ["web", "running", "local"], _show(status)
+    header, rows = cli_table(status.stdout)
+    assert header == ["NAME", "STATE", "PROVIDER", "PID"], show(status)
+    assert rows[0][:3] == ["web", "running", "local"], show(status)
 
     # One shell line after `--`: its output streams back, its status is ours.
     failed = ran(address, "run exec --target web --", "echo hi; exit 3", status=3)
-    assert failed.stdout.splitlines() == ["hi"], _show(failed)
-    assert "the command exited with 3" in failed.stderr, _show(failed)
+    assert failed.stdout.splitlines() == ["hi"], show(failed)
+    assert "the command exited with 3" in failed.stderr, show(failed)
 
     # Watching a finished job replays its output and exits with its status again.
     again = ran(address, f"job watch {queued_id(failed)}", status=3)
-    assert again.stdout.splitlines() == ["hi"], _show(again)
+    assert again.stdout.splitlines() == ["hi"], show(again)
 
     destroy = ran(address, "run destroy --target web")
-    assert "destroyed" in destroy.stdout, _show(destroy)
+    assert "destroyed" in destroy.stdout, show(destroy)
     assert direct.target(web["resource_id"]).state == vs.Operation.DESTROYED
 
 
@@ -287,7 +265,7 @@ def test_noop_job_queued_runs_and_shows_in_list_and_get(
     direct.wait_job(job_id, vs.Job.SUCCESS)
 
     listed = ok(address, "job list")
-    assert table(listed)[0] == ["ID", "STATE", "OPERATION", "SCOPE", "RUNNER", "QUEUED"]
+    assert cli_table(listed)[0] == ["ID", "STATE", "OPERATION", "SCOPE", "RUNNER", "QUEUED"]
     assert row_of(listed, job_id)[1:4] == ["SUCCESS", "noop", RUNNER]
 
     got = ok_json(address, f"job get {job_id}")
@@ -303,7 +281,7 @@ def test_runner_is_online_while_it_runs_and_offline_once_stopped(
     address: str, direct: Direct, runner: RunnerProcess
 ) -> None:
     listed = ok(address, "runner list")
-    assert table(listed)[0][:2] == ["ID", "STATUS"]
+    assert cli_table(listed)[0][:2] == ["ID", "STATUS"]
     assert row_of(listed, RUNNER)[1] == "online", listed
 
     assert ok_json(address, f"runner get {RUNNER}")["id"] == RUNNER
@@ -331,7 +309,7 @@ def test_queued_job_is_listed_by_state_and_cancelled(address: str, direct: Direc
 
     queued = ok(address, "job list --state queued")
     assert row_of(queued, job_id)[1:3] == ["QUEUED", "noop"]
-    assert {row[1] for row in table(queued)[1]} == {"QUEUED"}, queued
+    assert {row[1] for row in cli_table(queued)[1]} == {"QUEUED"}, queued
 
     # A queued job cannot run any more: it ends at once, as ERROR "canceled".
     assert ok(address, f"job cancel {job_id}").strip() == f"job {job_id}: error"
@@ -440,12 +418,12 @@ def test_run_with_no_runner_says_none_is_connected(expired: Expired) -> None:
     ids=["get-unknown", "watch-unknown", "run-without-target", "bogus-op", "no-command"],
 )
 def test_errors_are_one_line_and_exit_1(address: str, command: str, fragments: list[str]) -> None:
-    assert_error(cli_once(address, command), *fragments)
+    assert_cli_error(cli_once(address, command), *fragments)
 
 
 def test_job_not_found_names_the_id(address: str) -> None:
-    assert_error(cli_once(address, "job get NOPE"), "'NOPE'")
+    assert_cli_error(cli_once(address, "job get NOPE"), "'NOPE'")
 
 
 def test_job_list_with_a_bogus_state_is_one_error_line(address: str) -> None:
-    assert_error(cli(address, "job list --state bogus"), "--state must be one of", "QUEUED")
+    assert_cli_error(cli(address, "job list --state bogus"), "--state must be one of", "QUEUED")

@@ -290,3 +290,30 @@ async def wait_for_state(stub: Any, job_id: str, state: int, timeout: float = 30
             name = vs.Job.State.Name(job.state)
             raise AssertionError(f"job {job_id} is {name}, not {vs.Job.State.Name(state)}")  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
+
+
+# -- the CLI as a subprocess ---------------------------------------------------------
+
+
+def show(result: subprocess.CompletedProcess[str]) -> str:
+    """A CLI run, for assertion messages."""
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def assert_cli_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit 1, nothing on stdout, exactly one `error: ...` line on stderr, no traceback."""
+    assert "Traceback" not in result.stderr + result.stdout, show(result)
+    assert result.returncode == 1, show(result)
+    assert result.stdout == "", show(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, show(result)
+    assert lines[0].startswith("error: "), show(result)
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def cli_table(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """A `list` table as its header and rows, split on runs of spaces."""
+    header, *rows = (line.split() for line in stdout.splitlines() if line.strip())
+    return header, rows
