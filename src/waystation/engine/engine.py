@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,9 +158,22 @@ class JobEngine:
                 if self._draining:
                     raise Unavailable("the server is shutting down; reconnect to another")
                 waiter.wake.clear()  # before looking, so no wake-up is lost
-                job = await self.db.write(
-                    job_tx.job_assign, waiter.runner_id, waiter.by_id_only, now_us(), ack_timeout
+                assigning = asyncio.ensure_future(
+                    self.db.write(
+                        job_tx.job_assign,
+                        waiter.runner_id,
+                        waiter.by_id_only,
+                        now_us(),
+                        ack_timeout,
+                    )
                 )
+                try:
+                    job = await asyncio.shield(assigning)
+                except asyncio.CancelledError:
+                    # The stream went away while the assignment was committing: hand
+                    # back whatever it got, at once, instead of at the ack timeout.
+                    assigning.add_done_callback(self._return_unclaimed(runner.id))
+                    raise
                 if job is not None:
                     self._arm(self.timeouts.ack)
                     self.feed.publish(job_topic(job.id))
@@ -169,6 +182,16 @@ class JobEngine:
                 await wait(waiter.wake, self.timeouts.poll)
         finally:
             self._waiters.remove(waiter)
+
+    def _return_unclaimed(self, runner_id: str) -> Callable[[asyncio.Future[Any]], None]:
+        def done(assigning: asyncio.Future[Any]) -> None:
+            if assigning.cancelled() or assigning.exception() is not None:
+                return
+            job = assigning.result()
+            if job is not None:
+                self._spawn(self.nack(job, runner_id))
+
+        return done
 
     async def ack(self, job: vs.Job, runner_id: str) -> vs.Job:
         """WAITING -> RUNNING, if `job` (as assigned) is still this runner's."""

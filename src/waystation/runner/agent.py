@@ -157,6 +157,9 @@ class Agent:
             self._waiting.discard(read)
         if response is aio.EOF:  # type: ignore[attr-defined]
             return
+        if self._stop.is_set() or self._quota_reached():
+            call.cancel()  # assigned as we stopped: not acked, so the server requeues it
+            return
         job: vs.Job = response.assignment.job
         await call.write(Request(ack=Request.Ack()))
         log.info("job %s: %s", job.id, _describe(job))

@@ -23,6 +23,9 @@ from waystation.runner.plugins import Command, CommandContext, Documentation, Fl
 
 # Seconds a process gets to stop after SIGTERM before SIGKILL.
 STOP_GRACE = 10.0
+# Seconds the output of a finished command may still drain (from children it left).
+DRAIN_GRACE = 1.0
+PUMP_CHUNK = 65536
 # The machine itself: a process that idles until it is told to stop.
 MACHINE = (
     "import signal, sys, time\n"
@@ -58,20 +61,25 @@ async def exec_command(ctx: CommandContext) -> int:
         if not exited.done():
             ctx.ui.line("cancelling: stopping the command", color="yellow")
             await _stop_group(proc)
-        await asyncio.gather(*pumps)
+        # Children it left behind may hold its output open: drain briefly, then stop them.
+        _, still = await asyncio.wait(pumps, timeout=DRAIN_GRACE)
+        if still:
+            await _stop_group(proc)
+            await asyncio.wait(pumps, timeout=DRAIN_GRACE)
         return proc.returncode if proc.returncode is not None else -1
     finally:
         cancelled.cancel()
-        if proc.returncode is None:  # forced cancel: no grace
-            _signal_group(proc.pid, signal.SIGKILL)
+        _signal_group(proc.pid, signal.SIGKILL)  # a forced cancel, or leftovers: no grace
+        if proc.returncode is None:
             await proc.wait()
         for pump in pumps:
             pump.cancel()
 
 
 async def _pump(stream: asyncio.StreamReader, ctx: CommandContext, *, stderr: bool) -> None:
-    while line := await stream.readline():
-        ctx.ui.raw(line, stderr=stderr)
+    # Chunks, not lines: a line may be longer than any buffer.
+    while chunk := await stream.read(PUMP_CHUNK):
+        ctx.ui.raw(chunk, stderr=stderr)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -80,13 +88,24 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 async def _stop_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the command's process group; SIGKILL what is left after the grace."""
     _signal_group(proc.pid, signal.SIGTERM)
     try:
         async with asyncio.timeout(STOP_GRACE):
             await proc.wait()
+            while _group_alive(proc.pid):  # noqa: ASYNC110 - no event for a group's end
+                await asyncio.sleep(0.05)
     except TimeoutError:
         _signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 # -- the local provider ------------------------------------------------------------

@@ -32,7 +32,7 @@ async def checkout(job: vs.Job, data_dir: Path) -> AsyncIterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="waystation-git-"))
     try:
         await _git("clone", "--quiet", "--no-checkout", "--", git.url, str(root / "repo"))
-        await _git("-C", str(root / "repo"), "checkout", "--quiet", git.ref or "HEAD", "--")
+        await _git("checkout", "--quiet", git.ref or "HEAD", "--", cwd=root / "repo")
         work = root / "repo" / posixpath.normpath(git.path or ".")
         if not work.is_dir():
             raise FailedPrecondition(f"git path {git.path!r} is not a directory in {git.url}")
@@ -41,10 +41,11 @@ async def checkout(job: vs.Job, data_dir: Path) -> AsyncIterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _git(*args: str) -> None:
+async def _git(*args: str, cwd: Path | None = None) -> None:
     proc = await asyncio.create_subprocess_exec(
         "git",
         *args,
+        cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -57,6 +58,8 @@ async def _git(*args: str) -> None:
         proc.kill()
         raise FailedPrecondition(f"git {args[0]} timed out after {GIT_TIMEOUT:.0f}s") from None
     if proc.returncode != 0:
-        message = out.decode(errors="replace").strip().splitlines()
-        detail = message[-1] if message else f"exit code {proc.returncode}"
+        lines = out.decode(errors="replace").strip().splitlines()
+        # git's own reason is its `fatal:`/`error:` line; hints follow it.
+        reasons = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
+        detail = (reasons or lines or [f"exit code {proc.returncode}"])[0]
         raise FailedPrecondition(f"git {args[0]} failed: {detail}")

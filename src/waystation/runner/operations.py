@@ -85,6 +85,9 @@ async def _command(
     job: vs.Job, ui: UI, runtime: Runtime, data_dir: Path, work_dir: Path, cancelled: asyncio.Event
 ) -> vs.Job.CommandResult:
     op = job.command
+    if op.vagrantfile.raw:  # a command never runs on a Vagrantfile that does not parse
+        vf = op.vagrantfile
+        vagrantfile.parse(vf.raw, vf.format, vf.path.path or "Vagrantfile")
     command = find_command(runtime.plugins, op.command)
     if command is None:
         raise JobFailed(
@@ -150,12 +153,15 @@ def _docs(plugins: list[Plugin]) -> vs.Job.DocsResult:
 async def _auth(op: vs.Job.AuthOp, plugins: list[Plugin]) -> vs.Job.AuthResult:
     result = vs.Job.AuthResult()
     wanted = op.component.name if op.HasField("component") else ""
+    if wanted and wanted not in {p.name for p in plugins}:
+        raise JobFailed(code_pb2.NOT_FOUND, f"no plugin {wanted!r} on this runner to authenticate")
     for plugin in plugins:
         if wanted and plugin.name != wanted:
             continue
         component = vs.Component(type=plugin.component, name=plugin.name)  # type: ignore[arg-type]
         entry = result.results.add(component=component)
         if plugin.auth is None:
+            entry.check_result = op.check_only  # nothing to authenticate: the check passes
             continue
         entry.auth_supported = True
         outcome = await plugin.auth(op.check_only)
