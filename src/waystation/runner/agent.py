@@ -148,6 +148,8 @@ class Agent:
         await call.write(Request(request=Request.Request(runner_id=self.settings.runner_id)))
         read = asyncio.ensure_future(call.read())
         self._waiting.add(read)
+        if self._stop.is_set() or self._quota_reached():
+            read.cancel()  # stopped while this request went out: _release_idle missed it
         try:
             response = await read
         except asyncio.CancelledError:
@@ -161,11 +163,11 @@ class Agent:
             call.cancel()  # assigned as we stopped: not acked, so the server requeues it
             return
         job: vs.Job = response.assignment.job
-        await call.write(Request(ack=Request.Ack()))
-        log.info("job %s: %s", job.id, _describe(job))
-        self.jobs_done += 1
+        self.jobs_done += 1  # counted before the ack's await: workers woken together see it
         if self._quota_reached():
             self._release_idle()
+        await call.write(Request(ack=Request.Ack()))
+        log.info("job %s: %s", job.id, _describe(job))
         await JobRun(self, call, stub, job).run()
 
 
