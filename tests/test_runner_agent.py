@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ Job = vs.Job
 Event = vs.GetJobStreamResponse.Terminal.Event
 ANY = vs.Ref.Runner(any=vs.Ref.RunnerAny())
 FINAL = (Job.SUCCESS, Job.ERROR)
-GIT = "/usr/bin/git"
+GIT = shutil.which("git") or "git"
 
 
 # -- a test plugin -----------------------------------------------------------------

@@ -213,7 +213,9 @@ class JobRun:
             failure = JobFailed(code_pb2.INTERNAL, f"runner error: {exc}")
             outcome = Request(error=Request.Error(error=failure.status))
         finally:
-            heartbeat.cancel()
+            # Under the lock: cancelling a write in progress would cancel the whole RPC.
+            async with lock:
+                heartbeat.cancel()
         await ui.flush()
         async with lock:
             with contextlib.suppress(aio.AioRpcError, asyncio.InvalidStateError):
