@@ -73,11 +73,14 @@ def report(results: Results, options: Options) -> str:
         per_second = f.unit.endswith("/s")
         lines.append(
             f"| {f.scenario} | {f.name} | {f.value:,.1f} | {f.unit} | "
-            f"{_ratio(f.value, ceiling_rate) if per_second else ''} | "
+            f"{_ratio(f.value, ceiling_rate) if per_second and f.scenario == 'jobs' else ''} | "
             f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
             f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
             f"{f.note} |"
         )
+    notes = Path(__file__).with_name("NOTES.md")
+    if notes.exists():  # what the figures mean, kept by hand beside the generated table
+        lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
