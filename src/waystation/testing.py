@@ -6,6 +6,7 @@ Factories always build valid records; pass only what a test is about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import signal
@@ -317,3 +318,107 @@ def cli_table(stdout: str) -> tuple[list[str], list[list[str]]]:
     """A `list` table as its header and rows, split on runs of spaces."""
     header, *rows = (line.split() for line in stdout.splitlines() if line.strip())
     return header, rows
+
+
+# -- provisioning ------------------------------------------------------------------
+
+
+def echo_template(
+    resources: list[Any] | None = None,
+    state: bytes = b"state-1",
+    parameters: list[Any] | None = None,
+    variables: list[Any] | None = None,
+    logs: tuple[str, ...] = ("hello from echo",),
+    hold_apply: bool = False,
+) -> bytes:
+    """An echo archive: parse (variables), plan and apply with logs, resources and state.
+    With hold_apply the apply never completes (it waits for a cancel)."""
+    from waystation.protocol.provisionersdk.proto import provisioner_pb2 as psdk
+    from waystation.provisioner import echo
+
+    found = resources or []
+    log_lines = [psdk.Response(log=psdk.Log(level=psdk.INFO, output=line)) for line in logs]
+    apply = [*log_lines]
+    if not hold_apply:
+        apply.append(psdk.Response(apply=psdk.ApplyComplete(state=state, resources=found)))
+    return echo.tar(
+        parse=[psdk.Response(parse=psdk.ParseComplete(template_variables=variables or []))],
+        plan=[
+            *log_lines,
+            psdk.Response(plan=psdk.PlanComplete(resources=found, parameters=parameters or [])),
+        ],
+        apply=apply,
+    )
+
+
+def push_request(
+    name: str = "tpl", archive: bytes | None = None, provisioner: str = "echo", **fields: Any
+) -> Any:
+    from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
+
+    return pv.PushTemplateRequest(
+        template=name,
+        provisioner=provisioner,
+        archive=archive if archive is not None else echo_template(),
+        **fields,
+    )
+
+
+async def wait_provisioner_job(stub: Any, job_id: str, *statuses: int, timeout: float = 60) -> Any:
+    """Poll GetProvisionerJob until its status is one of `statuses` (default: ended)."""
+    from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
+
+    Job = pv.ProvisionerJob
+    wanted = statuses or (Job.SUCCEEDED, Job.FAILED, Job.CANCELED)
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await stub.GetProvisionerJob(pv.GetProvisionerJobRequest(id=job_id))
+        if job.status in wanted:
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is {Job.Status.Name(job.status)}, not {wanted}")
+        await asyncio.sleep(0.05)
+
+
+def daemon_metadata(
+    daemon_id: str = "d1", provisioners: tuple[str, ...] = ("echo",), **tags: str
+) -> list[tuple[str, str]]:
+    """The identity metadata of a provisioner daemon (for raw ProvisionerDaemon calls)."""
+    md = [("provisioner-daemon-id", daemon_id)]
+    md += [("provisioner-daemon-provisioner", p) for p in provisioners]
+    md += [("provisioner-daemon-tag", f"{k}={v}") for k, v in tags.items()]
+    return md
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    address: str,
+    token: str = "",
+    daemon_id: str = "d1",
+    provisioners: tuple[str, ...] = ("echo",),
+    tags: dict[str, str] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Any]:
+    """A provisioner daemon in this process, stopped (and awaited) on exit."""
+    from waystation.provisioner.base import load
+    from waystation.provisioner.daemon import DaemonSettings, ProvisionerDaemon
+
+    config = DaemonSettings(
+        address=address,
+        token=token,
+        daemon_id=daemon_id,
+        provisioners=list(provisioners),
+        tags=tags or {},
+        **settings,
+    )
+    daemon = ProvisionerDaemon(config, load(list(provisioners)))
+    task = asyncio.ensure_future(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.stop(now=True)
+        try:
+            async with asyncio.timeout(30):
+                await task
+        except TimeoutError:
+            task.cancel()

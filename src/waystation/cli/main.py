@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import auth, jobs, runner, server, state
+from waystation.cli import auth, jobs, provisioning, runner, server, state
 from waystation.cli.output import Context, fail
 from waystation.client import Connection, Contexts
 from waystation.config import DEFAULT_ADDRESS
@@ -33,7 +33,7 @@ app.command("login")(auth.login)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     jobs.run
 )
-for name, sub in state.apps.items():
+for name, sub in (*state.apps.items(), *provisioning.apps.items()):
     app.add_typer(sub, name=name)
 
 

@@ -55,6 +55,13 @@ def run(
         str,
         typer.Option("--poll-interval", help="How often to look for work other replicas changed."),
     ] = "2s",
+    hang_timeout: Annotated[
+        str,
+        typer.Option(
+            "--hang-timeout",
+            help="Fail a provisioner job with no update from its daemon this long.",
+        ),
+    ] = "5m",
     dev: Annotated[
         bool,
         typer.Option("--dev", help="Development mode: no authentication (loopback only)."),
@@ -77,6 +84,7 @@ def run(
         ack=_seconds(ack_timeout, "--ack-timeout"),
         heartbeat=_seconds(heartbeat_timeout, "--heartbeat-timeout"),
         poll=_seconds(poll_interval, "--poll-interval"),
+        provisioner_hang=_seconds(hang_timeout, "--hang-timeout"),
     )
     host = listen.rsplit(":", 1)[0]
     if dev and not is_loopback(host):

@@ -7,8 +7,10 @@ waystation.store.jobs); this module decides *when* to ask it:
   one fitting waiter, which runs the assign transaction; a waiter that got a
   job wakes the next one, so a burst of jobs spreads over idle runners. Every
   poll interval waiters look again anyway (work queued by another replica).
-- Timers: ack, heartbeat and expiry deadlines are columns; one loop sleeps
-  until the earliest and fires whatever is due, after a restart too.
+- Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
+  (store.provisioning) share the jobs table, states, cancel and timers.
+- Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
+  sleeps until the earliest and fires whatever is due, after a restart too.
 - Watching: the Feed wakes followers of a job; OutputLogs share output.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +28,14 @@ from google.rpc import status_pb2
 from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
 from waystation.engine.output import OutputLog, OutputWriter, Terminal
 from waystation.engine.rules import SERIALIZED_OPERATIONS, Timeouts, now_us, to_us
-from waystation.errors import Unavailable
+from waystation.errors import FailedPrecondition, Unavailable
 from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.store import Store
 from waystation.store import jobs as job_tx
+from waystation.store import provisioning as prov_tx
 from waystation.store import runners as runner_tx
+from waystation.store.provisioning import Daemon, Queued
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,12 @@ class Waiter:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(eq=False)
+class DaemonWaiter:
+    daemon: Daemon
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class JobEngine:
     def __init__(self, store: Store, timeouts: Timeouts | None = None) -> None:
         self.store = store
@@ -49,6 +60,7 @@ class JobEngine:
         self.timeouts = timeouts or Timeouts()
         self.feed = Feed()
         self._waiters: list[Waiter] = []
+        self._daemon_waiters: list[DaemonWaiter] = []
         self._logs: dict[str, OutputLog] = {}
         self._connected: dict[str, int] = {}  # runner id -> open config streams here
         self._timer_wake = asyncio.Event()
@@ -79,6 +91,8 @@ class JobEngine:
             task.cancel()
         for waiter in self._waiters:
             waiter.wake.set()
+        for daemon_waiter in self._daemon_waiters:
+            daemon_waiter.wake.set()
         self.feed.publish(CONFIG_TOPIC)  # config streams see `draining` and end
 
     @property
@@ -106,8 +120,8 @@ class JobEngine:
             self._arm(expires_in)
         return job_id
 
-    async def cancel(self, job_id: str) -> job_tx.CancelOutcome:
-        outcome = await self.db.write(job_tx.job_cancel, job_id, now_us())
+    async def cancel(self, job_id: str, kind: str = job_tx.VAGRANT) -> job_tx.CancelOutcome:
+        outcome = await self.db.write(job_tx.job_cancel, job_id, now_us(), kind)
         if outcome is not job_tx.CancelOutcome.NOTHING:
             self.feed.publish(job_topic(job_id))
         if outcome is job_tx.CancelOutcome.FORCED:
@@ -229,6 +243,91 @@ class JobEngine:
             self._wake_from_db_soon()  # jobs blocked on its scope may go now
         return job
 
+    # -- provisioner daemons ---------------------------------------------------
+
+    def provisioner_queued(self, queued: Queued) -> None:
+        self._wake_daemon(queued.provisioner, queued.tags)
+
+    async def acquire(
+        self, daemon: Daemon, stop: asyncio.Event, timeout: float | None = None
+    ) -> pd.AcquiredJob | None:
+        """Block until a job fits this daemon (it is then RUNNING, held by the
+        daemon), `stop` is set, the timeout passes or the server drains: None."""
+        waiter = DaemonWaiter(daemon)
+        self._daemon_waiters.append(waiter)
+        hang = to_us(self.timeouts.provisioner_hang)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout if timeout is not None else None
+        try:
+            while not stop.is_set() and not self._draining:
+                waiter.wake.clear()
+                acquiring = asyncio.ensure_future(
+                    self.db.write(prov_tx.job_acquire, daemon, now_us(), hang)
+                )
+                try:
+                    job, failed = await asyncio.shield(acquiring)
+                except asyncio.CancelledError:
+                    # The call went away while the lock was committing: the job
+                    # cannot reach its daemon (upstream fails it).
+                    acquiring.add_done_callback(self._broken(daemon.id))
+                    raise
+                for job_id in failed:
+                    self.feed.publish(job_topic(job_id))
+                if job is not None:
+                    self._arm(self.timeouts.provisioner_hang)
+                    self.feed.publish(job_topic(job.job_id))
+                    self._wake_daemon(None, {})  # there may be more: pass it on
+                    return job
+                delay = self.timeouts.poll
+                if give_up is not None:
+                    delay = min(delay, give_up - loop.time())
+                    if delay <= 0:
+                        return None
+                await _wait_any(delay, waiter.wake, stop)
+            return None
+        finally:
+            self._daemon_waiters.remove(waiter)
+
+    def _broken(self, daemon_id: str) -> Callable[[asyncio.Future[Any]], None]:
+        def done(acquiring: asyncio.Future[Any]) -> None:
+            if acquiring.cancelled() or acquiring.exception() is not None:
+                return
+            job, _ = acquiring.result()
+            if job is not None:
+                self._spawn(self.provisioner_broken(job.job_id, daemon_id))
+
+        return done
+
+    async def provisioner_broken(self, job_id: str, daemon_id: str) -> None:
+        if await self.db.write(prov_tx.connection_broken, job_id, daemon_id, now_us()):
+            self.feed.publish(job_topic(job_id))
+
+    async def provisioner_update(
+        self, daemon_id: str, request: pd.UpdateJobRequest
+    ) -> pd.UpdateJobResponse:
+        hang = self.timeouts.provisioner_hang
+        updated = await self.db.write(prov_tx.job_update, daemon_id, request, now_us(), to_us(hang))
+        self._arm(hang)
+        if updated.logged:
+            self.feed.publish(output_topic(request.job_id))
+        if updated.error is not None:
+            raise FailedPrecondition(updated.error)
+        return updated.response
+
+    async def commit_quota(
+        self, daemon_id: str, request: pd.CommitQuotaRequest
+    ) -> pd.CommitQuotaResponse:
+        hang = to_us(self.timeouts.provisioner_hang)
+        return await self.db.write(prov_tx.commit_quota, daemon_id, request, now_us(), hang)
+
+    async def provisioner_complete(self, daemon_id: str, completed: pd.CompletedJob) -> None:
+        await self.db.write(prov_tx.job_complete, daemon_id, completed, now_us())
+        self.feed.publish(job_topic(completed.job_id))
+
+    async def provisioner_fail(self, daemon_id: str, failed: pd.FailedJob) -> None:
+        await self.db.write(prov_tx.job_fail, daemon_id, failed, now_us())
+        self.feed.publish(job_topic(failed.job_id))
+
     # -- output --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -295,6 +394,14 @@ class JobEngine:
             self.feed.publish(job_topic(job_id))
         if fired.requeued or fired.timed_out or fired.expired:
             await self._wake_from_db()
+        if fired.hung:
+            hang = self.timeouts.provisioner_hang
+            hung = await self.db.write(prov_tx.jobs_fail_hung, fired.hung, now_us(), hang)
+            for job_id in hung:
+                self.feed.publish(job_topic(job_id))
+                self.feed.publish(output_topic(job_id))
+            if hung:
+                log.warning("provisioner jobs failed as hung: %s", ", ".join(hung))
         if fired.timed_out:
             log.warning("jobs ended by the heartbeat timeout: %s", ", ".join(fired.timed_out))
         if fired.requeued:
@@ -311,6 +418,8 @@ class JobEngine:
                     )
                 if self._waiters:
                     await self._wake_from_db()
+                if self._daemon_waiters:
+                    await self._wake_daemons_from_db()
             except Exception:
                 log.exception("housekeeping pass failed")
 
@@ -342,6 +451,24 @@ class JobEngine:
         for runner_id in await self.db.read(job_tx.jobs_queued_runner_ids):
             self._wake_for(runner_id)
 
+    def _wake_daemon(self, provisioner: str | None, tags: Mapping[str, str]) -> None:
+        """Wake one idle daemon that may take a job of `provisioner` (None: any job)."""
+        for waiter in self._daemon_waiters:
+            if waiter.wake.is_set():
+                continue
+            if provisioner is None or waiter.daemon.fits(provisioner, tags):
+                waiter.wake.set()
+                return
+
+    async def _wake_daemons_from_db(self) -> None:
+        """The poll: parked daemons stay seen, and look at work queued elsewhere."""
+        ids = {w.daemon.id for w in self._daemon_waiters}
+        await self.db.write(prov_tx.daemons_renew, ids, now_us())
+        for provisioner, tags in await self.db.read(prov_tx.jobs_queued_kinds):
+            for waiter in self._daemon_waiters:
+                if not waiter.wake.is_set() and waiter.daemon.fits(provisioner, tags):
+                    waiter.wake.set()
+
     def _wake_from_db_soon(self) -> None:
         if self._waiters:
             self._spawn(self._wake_from_db())
@@ -369,6 +496,16 @@ class OutputAppender:
 
     async def flush(self) -> None:
         await self.writer.flush()
+
+
+async def _wait_any(seconds: float, *events: asyncio.Event) -> None:
+    """Wait until any of `events` is set, at most `seconds`."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -61,6 +61,8 @@ class Timeouts:
     prune_interval: float = 600.0  # background prune period
     prune_keep: int = 10_000  # completed jobs the background prune keeps
     prune_rpc_keep: int = 50  # completed jobs PruneOldJobs keeps
+    provisioner_hang: float = 300.0  # a provisioner job this long without an update: failed
+    acquire_long_poll: float = 5.0  # how long the deprecated AcquireJob waits for a job
 
 
 def now_us() -> int:

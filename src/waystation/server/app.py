@@ -21,13 +21,14 @@ from waystation.engine.engine import JobEngine
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
-from waystation.server import admin, provisionerd, vagrant
+from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
+from waystation.server import admin, provisionerd, provisioning, vagrant
 from waystation.server.auth import Guard
 from waystation.store import Store
 
 log = logging.getLogger(__name__)
 
-SERVICES = (vagrant.SERVICE, provisionerd.SERVICE, admin.SERVICE)
+SERVICES = (vagrant.SERVICE, provisionerd.SERVICE, admin.SERVICE, provisioning.SERVICE)
 
 
 @dataclass
@@ -67,7 +68,11 @@ async def start(settings: ServerSettings) -> RunningServer:
         cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator)), server
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
-        cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService()), server
+        cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService(engine)),
+        server,
+    )
+    pv_grpc.add_ProvisioningServicer_to_server(
+        cast(pv_grpc.ProvisioningServicer, provisioning.ProvisioningService(engine)), server
     )
     admin_grpc.add_AdminServicer_to_server(
         cast(admin_grpc.AdminServicer, admin.AdminService(engine, authenticator)), server

@@ -26,6 +26,8 @@ from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import resources
 from waystation.store.schema import bases, job_output, jobs, projects
 
+VAGRANT = "vagrant"  # jobs.kind of runner jobs (provisioner jobs: store.provisioning)
+
 # -- queue -----------------------------------------------------------------------
 
 
@@ -166,7 +168,7 @@ def job_assign(
     )
     candidates = conn.execute(
         sa.select(jobs.c.id)
-        .where(jobs.c.state == QUEUED, target, not_blocked)
+        .where(jobs.c.kind == VAGRANT, jobs.c.state == QUEUED, target, not_blocked)
         .order_by(jobs.c.queue_time, jobs.c.id)
         .limit(8)
         .with_for_update(skip_locked=True)
@@ -322,8 +324,8 @@ class CancelOutcome(Enum):
     FORCED = "forced"  # second cancel: ERROR at once, runner told to stop now
 
 
-def job_cancel(conn: Connection, job_id: str, now: int) -> CancelOutcome:
-    row = _row(conn, job_id, lock=True)
+def job_cancel(conn: Connection, job_id: str, now: int, kind: str = "vagrant") -> CancelOutcome:
+    row = _row(conn, job_id, lock=True, kind=kind)
     if row.state in FINAL:
         outcome = CancelOutcome.NOTHING
     elif row.state == QUEUED:
@@ -346,17 +348,20 @@ class Fired:
     expired: list[str]  # QUEUED or WAITING past expire_time: now ERROR
     requeued: list[str]  # WAITING past the ack deadline: QUEUED again
     timed_out: list[str]  # RUNNING past the heartbeat deadline: ERROR
+    # Provisioner jobs past their hang deadline, for store.provisioning to fail
+    # with the reason logged.
+    hung: list[str]
 
     def __bool__(self) -> bool:
-        return bool(self.expired or self.requeued or self.timed_out)
+        return bool(self.expired or self.requeued or self.timed_out or self.hung)
 
 
 def jobs_fire_timers(conn: Connection, now: int) -> Fired:
-    def due(column: sa.Column[int], states: tuple[int, ...]) -> list[str]:
+    def due(column: sa.Column[int], states: tuple[int, ...], kind: str = VAGRANT) -> list[str]:
         return list(
             conn.execute(
                 sa.select(jobs.c.id)
-                .where(column <= now, jobs.c.state.in_(states))
+                .where(column <= now, jobs.c.state.in_(states), jobs.c.kind == kind)
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
@@ -377,7 +382,8 @@ def jobs_fire_timers(conn: Connection, now: int) -> Fired:
         for j in due(jobs.c.heartbeat_deadline, (RUNNING,))
         if _end_with_error(conn, j, (RUNNING,), now)
     ]
-    return Fired(expired, requeued, timed_out)
+    hung = due(jobs.c.heartbeat_deadline, (RUNNING,), "provisioner")
+    return Fired(expired, requeued, timed_out, hung)
 
 
 def jobs_next_deadline(conn: Connection) -> int | None:
@@ -405,7 +411,8 @@ def job_get(conn: Connection, job_id: str) -> vs.Job:
 
 
 def job_list(conn: Connection) -> list[vs.Job]:
-    return [_message(r) for r in conn.execute(sa.select(jobs).order_by(jobs.c.id))]
+    query = sa.select(jobs).where(jobs.c.kind == VAGRANT).order_by(jobs.c.id)
+    return [_message(r) for r in conn.execute(query)]
 
 
 def job_queue_position(conn: Connection, job_id: str) -> tuple[int, str]:
@@ -416,6 +423,7 @@ def job_queue_position(conn: Connection, job_id: str) -> tuple[int, str]:
     competing = sa.or_(jobs.c.runner_id.is_(None), jobs.c.runner_id == row.runner_id)
     if row.runner_id is None:
         competing = jobs.c.runner_id.is_(None)
+    competing = sa.and_(competing, jobs.c.kind == VAGRANT)
     ahead = conn.execute(
         sa.select(sa.func.count())
         .select_from(jobs)
@@ -436,12 +444,16 @@ def job_queue_position(conn: Connection, job_id: str) -> tuple[int, str]:
 
 def jobs_queued_runner_ids(conn: Connection) -> set[str | None]:
     """Which runners (None: any) have QUEUED work: the cheap poll for wake-ups."""
-    rows = conn.execute(sa.select(jobs.c.runner_id).where(jobs.c.state == QUEUED).distinct())
+    rows = conn.execute(
+        sa.select(jobs.c.runner_id).where(jobs.c.state == QUEUED, jobs.c.kind == VAGRANT).distinct()
+    )
     return set(rows.scalars())
 
 
-def _row(conn: Connection, job_id: str, *, lock: bool = False) -> Row[tuple[object, ...]]:
-    query = sa.select(jobs).where(jobs.c.id == job_id)
+def _row(
+    conn: Connection, job_id: str, *, lock: bool = False, kind: str = VAGRANT
+) -> Row[tuple[object, ...]]:
+    query = sa.select(jobs).where(jobs.c.id == job_id, jobs.c.kind == kind)
     if lock:
         query = query.with_for_update()
     row = conn.execute(query).first()
@@ -506,18 +518,20 @@ def output_next_seq(conn: Connection, job_id: str) -> int:
 
 
 def jobs_prune(conn: Connection, keep: int) -> int:
-    """Delete all but the newest `keep` finished jobs (and their output)."""
+    """Delete all but the newest `keep` finished runner jobs (and their output).
+
+    Provisioner jobs stay: template versions and workspace builds point at them.
+    """
+    finished = sa.and_(jobs.c.kind == VAGRANT, jobs.c.state.in_(FINAL))
     newest = (
         sa.select(jobs.c.id)
-        .where(jobs.c.state.in_(FINAL))
+        .where(finished)
         .order_by(jobs.c.complete_time.desc(), jobs.c.id.desc())
         .limit(keep)
     )
-    doomed = sa.select(jobs.c.id).where(jobs.c.state.in_(FINAL), jobs.c.id.not_in(newest))
+    doomed = sa.select(jobs.c.id).where(finished, jobs.c.id.not_in(newest))
     conn.execute(sa.delete(job_output).where(job_output.c.job_id.in_(doomed)))
-    return conn.execute(
-        sa.delete(jobs).where(jobs.c.state.in_(FINAL), jobs.c.id.not_in(newest))
-    ).rowcount
+    return conn.execute(sa.delete(jobs).where(finished, jobs.c.id.not_in(newest))).rowcount
 
 
 # -- logs by scope -----------------------------------------------------------------

@@ -87,7 +87,11 @@ jobs = sa.Table(
     "jobs",
     metadata,
     sa.Column("id", sa.Text, primary_key=True),
+    # "vagrant" (runner protocol) or "provisioner" (provisioner daemons; see
+    # provisioner_jobs): one state machine, two wire protocols.
+    sa.Column("kind", sa.Text, nullable=False, server_default="vagrant"),
     sa.Column("state", sa.SmallInteger, nullable=False),
+    # Vagrant: the Job's operation; provisioner: the job type.
     sa.Column("operation", sa.Text, nullable=False),
     # The serialization scope a Command job holds while WAITING or RUNNING.
     sa.Column("scope_key", sa.Text),
@@ -96,6 +100,7 @@ jobs = sa.Table(
     sa.Column("target_id", sa.Text, index=True),
     # The runner it must run on, lowercased; NULL means any runner.
     sa.Column("runner_id", sa.Text),
+    # The runner (or provisioner daemon) holding it.
     sa.Column("assigned_runner", sa.Text),
     sa.Column("queue_time", sa.BigInteger, nullable=False),
     sa.Column("assign_time", sa.BigInteger),
@@ -179,4 +184,125 @@ revoked_tokens = sa.Table(
     metadata,
     sa.Column("token_id", sa.Text, primary_key=True),  # hex of Token.token_id
     sa.Column("revoked_at", sa.BigInteger, nullable=False),
+)
+
+
+# -- provisioning (Coder-style templates, workspaces and their jobs) ---------------
+# A provisioner job is a `jobs` row (state, times, holder, timers: the shared
+# engine) plus what only daemons need, here.
+
+provisioner_jobs = sa.Table(
+    "provisioner_jobs",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("provisioner", sa.Text, nullable=False),
+    sa.Column("tags", sa.Text, nullable=False),  # JSON object, sorted keys
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("template_version_id", sa.Text, nullable=False, index=True),
+    sa.Column("workspace_build_id", sa.Text),
+    # The AcquiredJob to send, less what is filled at acquisition (id, times,
+    # the template's archive).
+    sa.Column("input", sa.LargeBinary, nullable=False),
+    sa.Column("error_code", sa.Text),
+    sa.Column("updated_at", sa.BigInteger),
+)
+
+# One row per tag of a job, `["key", "value"]`: a job fits a daemon when none
+# of its rows is missing from the daemon's tags (a subset test in SQL).
+provisioner_job_tags = sa.Table(
+    "provisioner_job_tags",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+)
+
+provisioner_daemons = sa.Table(
+    "provisioner_daemons",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("provisioners", sa.Text, nullable=False),  # JSON list
+    sa.Column("tags", sa.Text, nullable=False),  # JSON object
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+)
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("name_key", sa.Text, nullable=False, unique=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("active_version_id", sa.Text),
+)
+
+template_versions = sa.Table(
+    "template_versions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "template_id",
+        sa.Text,
+        sa.ForeignKey("templates.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("job_id", sa.Text, nullable=False),
+    sa.Column("archive", sa.LargeBinary, nullable=False),
+    # The TemplateVersion message: inputs, then what the import found.
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint("template_id", "name"),
+    sa.UniqueConstraint("template_id", "number"),
+)
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("name_key", sa.Text, nullable=False),
+    sa.Column("owner", sa.Text, nullable=False, index=True),
+    sa.Column("template_id", sa.Text, sa.ForeignKey("templates.id"), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("deleted_at", sa.BigInteger),
+    # Live workspace names are unique per owner; deleted ones free theirs.
+    sa.Index(
+        "uq_workspaces_live_name",
+        "owner",
+        "name_key",
+        unique=True,
+        sqlite_where=sa.text("deleted_at IS NULL"),
+        postgresql_where=sa.text("deleted_at IS NULL"),
+    ),
+)
+
+workspace_builds = sa.Table(
+    "workspace_builds",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "workspace_id",
+        sa.Text,
+        sa.ForeignKey("workspaces.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("build_number", sa.Integer, nullable=False),
+    sa.Column("transition", sa.SmallInteger, nullable=False),
+    sa.Column("template_version_id", sa.Text, nullable=False),
+    sa.Column("job_id", sa.Text, nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("daily_cost", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("state", sa.LargeBinary),  # the provisioner's, carried to the next build
+    # The WorkspaceBuild message: parameters and, once done, resources.
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint("workspace_id", "build_number"),
+)
+
+quotas = sa.Table(
+    "quotas",
+    metadata,
+    sa.Column("user", sa.Text, primary_key=True),
+    sa.Column("allowance", sa.Integer, nullable=False),
 )

@@ -578,3 +578,248 @@ class Metadata(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Metadata: _TypeAlias = Metadata  # noqa: Y015
+
+@_typing.final
+class Log(_message.Message):
+    """-- the provisioner session's messages (what a provisioner answers) ----------
+    The echo provisioner's archives hold serialized Response messages.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    level: Global___LogLevel.ValueType
+    output: _builtins.str
+    def __init__(
+        self,
+        *,
+        level: Global___LogLevel.ValueType = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Log: _TypeAlias = Log  # noqa: Y015
+
+@_typing.final
+class ParseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParseRequest: _TypeAlias = ParseRequest  # noqa: Y015
+
+@_typing.final
+class ParseComplete(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class WorkspaceTagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ERROR_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VARIABLES_FIELD_NUMBER: _builtins.int
+    README_FIELD_NUMBER: _builtins.int
+    WORKSPACE_TAGS_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    readme: _builtins.bytes
+    @_builtins.property
+    def template_variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateVariable]: ...
+    @_builtins.property
+    def workspace_tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        error: _builtins.str = ...,
+        template_variables: _abc.Iterable[Global___TemplateVariable] | None = ...,
+        readme: _builtins.bytes = ...,
+        workspace_tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "readme", b"readme", "template_variables", b"template_variables", "workspace_tags", b"workspace_tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParseComplete: _TypeAlias = ParseComplete  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    RICH_PARAMETER_VALUES_FIELD_NUMBER: _builtins.int
+    VARIABLE_VALUES_FIELD_NUMBER: _builtins.int
+    EXTERNAL_AUTH_PROVIDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metadata(self) -> Global___Metadata: ...
+    @_builtins.property
+    def rich_parameter_values(self) -> _containers.RepeatedCompositeFieldContainer[Global___RichParameterValue]: ...
+    @_builtins.property
+    def variable_values(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariableValue]: ...
+    @_builtins.property
+    def external_auth_providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExternalAuthProvider]: ...
+    def __init__(
+        self,
+        *,
+        metadata: Global___Metadata | None = ...,
+        rich_parameter_values: _abc.Iterable[Global___RichParameterValue] | None = ...,
+        variable_values: _abc.Iterable[Global___VariableValue] | None = ...,
+        external_auth_providers: _abc.Iterable[Global___ExternalAuthProvider] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external_auth_providers", b"external_auth_providers", "metadata", b"metadata", "rich_parameter_values", b"rich_parameter_values", "variable_values", b"variable_values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class PlanComplete(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    EXTERNAL_AUTH_PROVIDERS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    plan: _builtins.bytes
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resource]: ...
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RichParameter]: ...
+    @_builtins.property
+    def external_auth_providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExternalAuthProviderResource]: ...
+    def __init__(
+        self,
+        *,
+        error: _builtins.str = ...,
+        resources: _abc.Iterable[Global___Resource] | None = ...,
+        parameters: _abc.Iterable[Global___RichParameter] | None = ...,
+        external_auth_providers: _abc.Iterable[Global___ExternalAuthProviderResource] | None = ...,
+        plan: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "external_auth_providers", b"external_auth_providers", "parameters", b"parameters", "plan", b"plan", "resources", b"resources"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanComplete: _TypeAlias = PlanComplete  # noqa: Y015
+
+@_typing.final
+class ApplyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metadata(self) -> Global___Metadata: ...
+    def __init__(
+        self,
+        *,
+        metadata: Global___Metadata | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyRequest: _TypeAlias = ApplyRequest  # noqa: Y015
+
+@_typing.final
+class ApplyComplete(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    EXTERNAL_AUTH_PROVIDERS_FIELD_NUMBER: _builtins.int
+    state: _builtins.bytes
+    error: _builtins.str
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedCompositeFieldContainer[Global___Resource]: ...
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RichParameter]: ...
+    @_builtins.property
+    def external_auth_providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExternalAuthProviderResource]: ...
+    def __init__(
+        self,
+        *,
+        state: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        resources: _abc.Iterable[Global___Resource] | None = ...,
+        parameters: _abc.Iterable[Global___RichParameter] | None = ...,
+        external_auth_providers: _abc.Iterable[Global___ExternalAuthProviderResource] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "external_auth_providers", b"external_auth_providers", "parameters", b"parameters", "resources", b"resources", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyComplete: _TypeAlias = ApplyComplete  # noqa: Y015
+
+@_typing.final
+class Response(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_FIELD_NUMBER: _builtins.int
+    PARSE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    APPLY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def log(self) -> Global___Log: ...
+    @_builtins.property
+    def parse(self) -> Global___ParseComplete: ...
+    @_builtins.property
+    def plan(self) -> Global___PlanComplete: ...
+    @_builtins.property
+    def apply(self) -> Global___ApplyComplete: ...
+    def __init__(
+        self,
+        *,
+        log: Global___Log | None = ...,
+        parse: Global___ParseComplete | None = ...,
+        plan: Global___PlanComplete | None = ...,
+        apply: Global___ApplyComplete | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply", "log", b"log", "parse", b"parse", "plan", b"plan", "type", b"type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply", b"apply", "log", b"log", "parse", b"parse", "plan", b"plan", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_type: _TypeAlias = _typing.Literal["log", "parse", "plan", "apply"]  # noqa: Y015
+    _WhichOneofArgType_type: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_type) -> _WhichOneofReturnType_type | None: ...
+
+Global___Response: _TypeAlias = Response  # noqa: Y015

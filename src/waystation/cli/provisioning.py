@@ -1,0 +1,640 @@
+"""`waystation template|workspace|quota|provisioner`: Coder-style provisioning for people."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from waystation.cli.output import (
+    Context,
+    call,
+    err,
+    fail,
+    out,
+    parse_pairs,
+    print_json,
+    print_table,
+    rpc_errors,
+)
+from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
+from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
+from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
+
+Job = pv.ProvisionerJob
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Detach = Annotated[
+    bool, typer.Option("--detach", "-d", help="Queue and return; do not follow the logs.")
+]
+Params = Annotated[
+    list[str] | None, typer.Option("--param", "-p", help="Rich parameter KEY=VALUE (repeat).")
+]
+Owner = Annotated[
+    str,
+    typer.Option(
+        "--owner", envvar="WAYSTATION_USER", help="The workspace owner. [default: your user name]"
+    ),
+]
+
+template_app = typer.Typer(help="Push and list templates (what workspaces are built from).")
+workspace_app = typer.Typer(help="Create, start, stop and delete workspaces.")
+quota_app = typer.Typer(help="Per-user quota allowances (daily cost units).")
+provisioner_app = typer.Typer(
+    help="Run a provisioner daemon (with no subcommand), or look at daemons and their jobs.",
+    invoke_without_command=True,
+)
+jobs_app = typer.Typer(help="Provisioner jobs: pending, running and done.")
+provisioner_app.add_typer(jobs_app, name="jobs")
+
+
+def _stub(c: Context) -> pv_grpc.ProvisioningStub:
+    return pv_grpc.ProvisioningStub(c.channel)
+
+
+def _owner(owner: str) -> str:
+    return owner or getpass.getuser()
+
+
+def _params(pairs: list[str] | None) -> list[sdk.RichParameterValue]:
+    return [
+        sdk.RichParameterValue(name=k, value=v)
+        for k, v in parse_pairs(pairs or [], "--param").items()
+    ]
+
+
+STATUS_STYLE = {
+    Job.SUCCEEDED: "green",
+    Job.FAILED: "red",
+    Job.CANCELED: "yellow",
+    Job.CANCELING: "yellow",
+    Job.RUNNING: "cyan",
+    Job.PENDING: "",
+}
+
+
+def status_text(job: Job) -> Text:
+    name = Job.Status.Name(job.status).lower()
+    return Text(name, STATUS_STYLE.get(job.status, ""))
+
+
+def pending_text(job: Job) -> str:
+    if job.pending_reason:
+        return job.pending_reason
+    if job.queue_position:
+        return f"queued, position {job.queue_position} of {job.queue_size}"
+    return ""
+
+
+def watch(c: Context, job_id: str) -> Job:
+    """Follow a job's logs live; return it as it ended."""
+    stage = ""
+    last = Job()
+    with rpc_errors(c, f"watching job {job_id}"):
+        stream = _stub(c).WatchProvisionerJob(pv.WatchProvisionerJobRequest(id=job_id))
+        for event in stream:
+            if event.HasField("job"):
+                last = event.job
+                if last.status == Job.PENDING:
+                    err.print(Text(f"job {job_id}: {pending_text(last) or 'pending'}", "dim"))
+                elif last.status == Job.RUNNING:
+                    err.print(Text(f"job {job_id}: running on {last.daemon_id}", "dim"))
+                continue
+            for line in event.logs.logs:
+                if line.stage and line.stage != stage:
+                    stage = line.stage
+                    out.print(Text(f"==> {stage}", "bold"))
+                if line.output:
+                    style = {sdk.ERROR: "red", sdk.WARN: "yellow"}.get(line.level, "")
+                    out.print(Text(line.output, style))
+    err.print(Text.assemble(f"job {job_id}: ", status_text(last)))
+    if last.error:
+        err.print(Text(last.error, "red"))
+    return last
+
+
+def _exit_for(job: Job) -> None:
+    if job.status != Job.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def _resources(resources: Iterable[sdk.Resource], title: str) -> None:
+    rows = [[r.type, r.name, str(r.daily_cost)] for r in resources]
+    if rows:
+        out.print(Text(title, "bold"))
+        print_table(["type", "name", "daily cost"], rows, "")
+
+
+# -- templates -----------------------------------------------------------------------
+
+
+@template_app.command("push")
+def template_push(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="The template's source directory.")],
+    provisioner: Annotated[
+        str, typer.Option("--provisioner", help="echo, terraform, or a plugin's name.")
+    ],
+    name: Annotated[
+        str, typer.Option("--name", "-n", help="Template name. [default: the directory's name]")
+    ] = "",
+    tags: Annotated[
+        list[str] | None, typer.Option("--tag", help="Daemon tag KEY=VALUE the jobs need.")
+    ] = None,
+    variables: Annotated[
+        list[str] | None, typer.Option("--var", help="Template variable KEY=VALUE.")
+    ] = None,
+    version_name: Annotated[str, typer.Option("--version-name", help="[default: vN]")] = "",
+    detach: Detach = False,
+) -> None:
+    """Upload DIRECTORY as a new template version and import it."""
+    from waystation.errors import InvalidArgument
+    from waystation.provisioner import archive
+
+    if not directory.is_dir():
+        fail(f"{directory} is not a directory")
+    data = archive.pack(directory)
+    try:
+        archive.check(data)
+    except InvalidArgument as exc:
+        fail(exc.message)
+    c: Context = ctx.obj
+    request = pv.PushTemplateRequest(
+        template=name or directory.resolve().name,
+        provisioner=provisioner,
+        tags=parse_pairs(tags or [], "--tag"),
+        archive=data,
+        user_variable_values=[
+            sdk.VariableValue(name=k, value=v)
+            for k, v in parse_pairs(variables or [], "--var").items()
+        ],
+        version_name=version_name,
+    )
+    pushed = call(c, _stub(c).PushTemplate, request, about="push")
+    version = pushed.version
+    err.print(
+        f"template {pushed.template.name} version {version.name}: import job {version.job_id}"
+    )
+    if detach:
+        return
+    job = watch(c, version.job_id)
+    if job.status == Job.SUCCEEDED:
+        version = call(
+            c, _stub(c).GetTemplateVersion, pv.GetTemplateVersionRequest(version=version.id)
+        )
+        params = [
+            [p.name, p.type or "string", p.default_value, "yes" if p.required else "no"]
+            for p in version.rich_parameters
+        ]
+        if params:
+            out.print(Text("parameters", "bold"))
+            print_table(["name", "type", "default", "required"], params, "")
+        _resources(version.start_resources, "resources when started")
+        _resources(version.stop_resources, "resources when stopped")
+    _exit_for(job)
+
+
+@template_app.command("init")
+def template_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the example.")],
+) -> None:
+    """Write an example echo template into DIRECTORY, ready for `template push`."""
+    from waystation.provisioner import echo
+
+    if directory.exists() and any(directory.iterdir()):
+        fail(f"{directory} is not empty")
+    names = echo.example(directory)
+    err.print(f"wrote {len(names)} files to {directory}")
+    err.print(f"next: waystation template push {directory} --provisioner echo")
+
+
+@template_app.command("list")
+def template_list(ctx: typer.Context, as_json: Json = False) -> None:
+    """List templates."""
+    c: Context = ctx.obj
+    found = call(c, _stub(c).ListTemplates, pv.ListTemplatesRequest()).templates
+    if as_json:
+        return print_json(list(found))
+    rows = [[t.name, str(t.version_count), t.active_version_id or "(none yet)"] for t in found]
+    print_table(["name", "versions", "active version"], rows, "no templates")
+
+
+@template_app.command("versions")
+def template_versions(ctx: typer.Context, template: str, as_json: Json = False) -> None:
+    """List a template's versions and their imports."""
+    c: Context = ctx.obj
+    request = pv.ListTemplateVersionsRequest(template=template)
+    found = call(c, _stub(c).ListTemplateVersions, request).versions
+    if as_json:
+        return print_json(list(found))
+    rows = [
+        [
+            v.name,
+            v.id,
+            v.provisioner,
+            ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())),
+            Job.Status.Name(v.job.status).lower(),
+            v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        for v in found
+    ]
+    print_table(["name", "id", "provisioner", "tags", "import", "created"], rows, "no versions")
+
+
+# -- workspaces ----------------------------------------------------------------------
+
+
+def _follow(c: Context, response: pv.BuildResponse, detach: bool) -> None:
+    build = response.build
+    verb = sdk.WorkspaceTransition.Name(build.transition).lower()
+    err.print(
+        f"workspace {response.workspace.name}: build #{build.build_number} ({verb}),"
+        f" job {build.job_id}"
+    )
+    if detach:
+        return
+    job = watch(c, build.job_id)
+    _exit_for(job)
+
+
+@workspace_app.command("create")
+def workspace_create(
+    ctx: typer.Context,
+    name: str,
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="Template (its active version).")
+    ],
+    params: Params = None,
+    owner: Owner = "",
+    detach: Detach = False,
+) -> None:
+    """Create a workspace and start it."""
+    c: Context = ctx.obj
+    request = pv.CreateWorkspaceRequest(
+        name=name, owner=_owner(owner), template=template, rich_parameter_values=_params(params)
+    )
+    _follow(c, call(c, _stub(c).CreateWorkspace, request, about="create"), detach)
+
+
+def _build(
+    ctx: typer.Context,
+    name: str,
+    transition: sdk.WorkspaceTransition.ValueType,
+    owner: str,
+    params: list[str] | None,
+    version: str,
+    detach: bool,
+) -> None:
+    c: Context = ctx.obj
+    request = pv.BuildWorkspaceRequest(
+        workspace=pv.WorkspaceRef(owner=_owner(owner), name=name),
+        transition=transition,
+        rich_parameter_values=_params(params),
+        template_version_id=version,
+    )
+    _follow(c, call(c, _stub(c).BuildWorkspace, request), detach)
+
+
+Version = Annotated[str, typer.Option("--version", help="Template version (id, or TEMPLATE@NAME).")]
+
+
+@workspace_app.command("start")
+def workspace_start(
+    ctx: typer.Context,
+    name: str,
+    params: Params = None,
+    owner: Owner = "",
+    version: Version = "",
+    detach: Detach = False,
+) -> None:
+    """Start a workspace (on the template's active version unless --version)."""
+    _build(ctx, name, sdk.START, owner, params, version, detach)
+
+
+@workspace_app.command("stop")
+def workspace_stop(
+    ctx: typer.Context, name: str, owner: Owner = "", detach: Detach = False
+) -> None:
+    """Stop a workspace."""
+    _build(ctx, name, sdk.STOP, owner, None, "", detach)
+
+
+@workspace_app.command("delete")
+def workspace_delete(
+    ctx: typer.Context, name: str, owner: Owner = "", detach: Detach = False
+) -> None:
+    """Destroy a workspace's resources and delete it."""
+    _build(ctx, name, sdk.DESTROY, owner, None, "", detach)
+
+
+@workspace_app.command("cancel")
+def workspace_cancel(ctx: typer.Context, name: str, owner: Owner = "") -> None:
+    """Cancel the workspace's pending or running build."""
+    c: Context = ctx.obj
+    ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
+    shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+    _cancel(c, shown.workspace.latest_build.job_id)
+
+
+@workspace_app.command("list")
+def workspace_list(
+    ctx: typer.Context,
+    owner: Annotated[str, typer.Option("--owner", help="Only this owner's.")] = "",
+    include_deleted: Annotated[bool, typer.Option("--all", help="Include deleted ones.")] = False,
+    as_json: Json = False,
+) -> None:
+    """List workspaces."""
+    c: Context = ctx.obj
+    request = pv.ListWorkspacesRequest(owner=owner, include_deleted=include_deleted)
+    found = call(c, _stub(c).ListWorkspaces, request).workspaces
+    if as_json:
+        return print_json(list(found))
+    rows = []
+    for w in found:
+        build = w.latest_build
+        last = f"#{build.build_number} {sdk.WorkspaceTransition.Name(build.transition).lower()}"
+        status = "deleted" if w.deleted else Job.Status.Name(build.job.status).lower()
+        rows.append([w.owner, w.name, w.template_name, last, status, str(build.daily_cost)])
+    print_table(
+        ["owner", "name", "template", "last build", "status", "daily cost"], rows, "no workspaces"
+    )
+
+
+@workspace_app.command("show")
+def workspace_show(ctx: typer.Context, name: str, owner: Owner = "", as_json: Json = False) -> None:
+    """Show a workspace, its resources and its builds."""
+    c: Context = ctx.obj
+    ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
+    shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+    if as_json:
+        return print_json(shown)
+    w = shown.workspace
+    out.print(Text.assemble(("workspace ", "bold"), f"{w.owner}/{w.name} ({w.id})"))
+    out.print(f"template: {w.template_name}" + ("  [deleted]" if w.deleted else ""))
+    latest = [b for b in shown.builds if b.job.status == Job.SUCCEEDED]
+    if latest:
+        _resources(latest[0].resources, "resources")
+    rows = [
+        [
+            f"#{b.build_number}",
+            sdk.WorkspaceTransition.Name(b.transition).lower(),
+            Job.Status.Name(b.job.status).lower(),
+            str(b.daily_cost),
+            b.job_id,
+            b.job.error,
+        ]
+        for b in shown.builds
+    ]
+    print_table(["build", "transition", "status", "daily cost", "job", "error"], rows, "no builds")
+
+
+@workspace_app.command("dry-run")
+def workspace_dry_run(
+    ctx: typer.Context,
+    template: Annotated[str, typer.Option("--template", "-t", help="Template or version.")],
+    name: Annotated[str, typer.Option("--name", help="Workspace name to plan as.")] = "dry-run",
+    params: Params = None,
+    owner: Owner = "",
+) -> None:
+    """Plan a workspace from a template without creating anything."""
+    c: Context = ctx.obj
+    request = pv.DryRunRequest(
+        version=template,
+        workspace_name=name,
+        owner=_owner(owner),
+        rich_parameter_values=_params(params),
+    )
+    job = call(c, _stub(c).DryRun, request, about="dry run")
+    err.print(f"dry run: job {job.id}")
+    job = watch(c, job.id)
+    if job.status == Job.SUCCEEDED:
+        job = call(c, _stub(c).GetProvisionerJob, pv.GetProvisionerJobRequest(id=job.id))
+        _resources(job.dry_run_resources, "planned resources")
+    _exit_for(job)
+
+
+# -- quotas --------------------------------------------------------------------------
+
+
+def _show_quota(quota: pv.Quota) -> None:
+    allowance = str(quota.allowance) if quota.configured else "unlimited"
+    out.print(f"{quota.user}: {quota.consumed} of {allowance} in use (daily cost)")
+
+
+@quota_app.command("set")
+def quota_set(
+    ctx: typer.Context,
+    user: str,
+    allowance: Annotated[int, typer.Argument(min=0, help="Daily cost units.")],
+) -> None:
+    """Set a user's allowance."""
+    c: Context = ctx.obj
+    _show_quota(call(c, _stub(c).SetQuota, pv.SetQuotaRequest(user=user, allowance=allowance)))
+
+
+@quota_app.command("clear")
+def quota_clear(ctx: typer.Context, user: str) -> None:
+    """Remove a user's allowance (no limit)."""
+    c: Context = ctx.obj
+    _show_quota(call(c, _stub(c).SetQuota, pv.SetQuotaRequest(user=user, clear=True)))
+
+
+@quota_app.command("show")
+def quota_show(ctx: typer.Context, user: str, as_json: Json = False) -> None:
+    """Show a user's allowance and what is in use."""
+    c: Context = ctx.obj
+    quota = call(c, _stub(c).GetQuota, pv.GetQuotaRequest(user=user))
+    print_json(quota) if as_json else _show_quota(quota)
+
+
+# -- provisioner daemons and jobs --------------------------------------------------------
+
+
+@provisioner_app.callback()
+def daemon(
+    ctx: typer.Context,
+    provisioners: Annotated[
+        list[str] | None,
+        typer.Option("--provisioner", help="A provisioner to serve (repeat). [default: echo]"),
+    ] = None,
+    tags: Annotated[
+        list[str] | None, typer.Option("--tag", help="Tag KEY=VALUE this daemon has (repeat).")
+    ] = None,
+    daemon_id: Annotated[
+        str, typer.Option("--id", help="Daemon id. [default: host name + a random suffix]")
+    ] = "",
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="Where jobs unpack templates.")
+    ] = None,
+    cancel_grace: Annotated[
+        float, typer.Option("--cancel-grace", min=0, help="Seconds a cancelled job may take.")
+    ] = 60.0,
+    max_jobs: Annotated[
+        int | None, typer.Option("--max-jobs", min=1, help="Exit after this many jobs.")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, ...")] = "info",
+) -> None:
+    """Take provisioner jobs from the server and run them, until interrupted.
+
+    First SIGINT/SIGTERM: take no more jobs and finish the one in hand;
+    a second one cancels it.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from waystation.provisioner.base import load
+    from waystation.provisioner.daemon import DaemonSettings, ProvisionerDaemon
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+    names = provisioners or ["echo"]
+    try:
+        loaded = load(names)
+    except KeyError as exc:
+        fail(str(exc.args[0]))
+    c: Context = ctx.obj
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    settings = DaemonSettings(
+        address=c.address,
+        token=c.connection.token,
+        tls=c.connection.tls,
+        tls_ca=c.connection.tls_ca,
+        tls_skip_verify=c.connection.tls_skip_verify,
+        daemon_id=daemon_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        provisioners=names,
+        tags=parse_pairs(tags or [], "--tag"),
+        work_dir=work_dir,
+        cancel_grace=cancel_grace,
+        max_jobs=max_jobs,
+    )
+
+    async def main() -> None:
+        daemon = ProvisionerDaemon(settings, loaded)
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            daemon.stop(now=signals > 1)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        logging.getLogger("waystation").info(
+            "provisioner daemon %s serving %s (provisioners: %s; tags: %s)",
+            settings.daemon_id,
+            settings.address,
+            ", ".join(names),
+            settings.tags or "none",
+        )
+        await daemon.run()
+
+    with rpc_errors(c, "provisioner daemon"):
+        asyncio.run(main())
+
+
+@provisioner_app.command("list")
+def daemons_list(ctx: typer.Context, as_json: Json = False) -> None:
+    """List provisioner daemons: connected or not, idle or busy."""
+    c: Context = ctx.obj
+    found = call(c, _stub(c).ListProvisionerDaemons, pv.ListProvisionerDaemonsRequest()).daemons
+    if as_json:
+        return print_json(list(found))
+    rows = [
+        [
+            d.id,
+            ",".join(d.provisioners),
+            ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())),
+            d.last_seen.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            ("busy: " + d.current_job_id)
+            if d.current_job_id
+            else ("idle" if d.online else "offline"),
+        ]
+        for d in found
+    ]
+    print_table(
+        ["id", "provisioners", "tags", "last seen", "status"], rows, "no provisioner daemons"
+    )
+
+
+@jobs_app.command("list")
+def jobs_list(
+    ctx: typer.Context,
+    include_done: Annotated[bool, typer.Option("--all", help="Include finished jobs.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    as_json: Json = False,
+) -> None:
+    """List provisioner jobs; pending ones with their place in the queue or why they wait."""
+    c: Context = ctx.obj
+    request = pv.ListProvisionerJobsRequest(pending_only=not include_done, limit=limit)
+    found = call(c, _stub(c).ListProvisionerJobs, request).jobs
+    if as_json:
+        return print_json(list(found))
+    rows = [
+        [
+            j.id,
+            Job.Type.Name(j.type).lower(),
+            j.provisioner,
+            ",".join(f"{k}={v}" for k, v in sorted(j.tags.items())),
+            Job.Status.Name(j.status).lower(),
+            pending_text(j) or j.daemon_id or j.error,
+        ]
+        for j in found
+    ]
+    empty = "no provisioner jobs" if include_done else "no pending provisioner jobs"
+    print_table(["id", "type", "provisioner", "tags", "status", "where"], rows, empty)
+
+
+@jobs_app.command("show")
+def jobs_show(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
+    """Show one provisioner job."""
+    c: Context = ctx.obj
+    job = call(c, _stub(c).GetProvisionerJob, pv.GetProvisionerJobRequest(id=job_id))
+    if as_json:
+        return print_json(job)
+    out.print(Text.assemble(("job ", "bold"), job.id, " ", status_text(job)))
+    out.print(f"type: {Job.Type.Name(job.type).lower()}; provisioner: {job.provisioner}")
+    for label, value in (
+        ("daemon", job.daemon_id),
+        ("error", job.error),
+        ("waiting", pending_text(job)),
+    ):
+        if value:
+            out.print(f"{label}: {value}")
+
+
+@jobs_app.command("watch")
+def jobs_watch(ctx: typer.Context, job_id: str) -> None:
+    """Follow a job's logs until it ends; exit 1 unless it succeeded."""
+    _exit_for(watch(ctx.obj, job_id))
+
+
+def _cancel(c: Context, job_id: str) -> None:
+    job = call(c, _stub(c).CancelProvisionerJob, pv.CancelProvisionerJobRequest(id=job_id))
+    err.print(Text.assemble(f"job {job.id}: ", status_text(job)))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
+    """Cancel a job: pending ones end at once, running ones are asked to stop
+    (cancel again to end one now)."""
+    _cancel(ctx.obj, job_id)
+
+
+apps = {
+    "template": template_app,
+    "workspace": workspace_app,
+    "quota": quota_app,
+    "provisioner": provisioner_app,
+}

@@ -1,0 +1,1 @@
+"""The provisioner daemon (`waystation provisioner`) and its provisioners."""

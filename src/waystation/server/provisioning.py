@@ -1,0 +1,178 @@
+"""`waystation.v1.Provisioning`: templates, workspaces, quotas and provisioner jobs for people."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from grpc import aio
+
+from waystation.engine.engine import JobEngine
+from waystation.engine.feed import job_topic, output_topic, wait
+from waystation.engine.rules import now_us, to_us
+from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
+from waystation.provisioner import archive
+from waystation.server.errors import rpc, stream_rpc
+from waystation.server.unimplemented import fill_unimplemented
+from waystation.store import jobs as job_tx
+from waystation.store import provisioning as prov_tx
+
+DESCRIPTOR = pv.DESCRIPTOR.services_by_name["Provisioning"]
+SERVICE = DESCRIPTOR.full_name
+Ctx = aio.ServicerContext[Any, Any]
+Job = pv.ProvisionerJob
+ENDED = (Job.SUCCEEDED, Job.FAILED, Job.CANCELED)
+
+
+class ProvisioningService:
+    def __init__(self, engine: JobEngine) -> None:
+        self.engine = engine
+        self.db = engine.db
+        fill_unimplemented(self, DESCRIPTOR)
+
+    def _lease(self) -> int:
+        return to_us(self.engine.timeouts.runner_lease)
+
+    # -- templates -----------------------------------------------------------
+
+    @rpc
+    async def PushTemplate(
+        self, request: pv.PushTemplateRequest, context: Ctx
+    ) -> pv.PushTemplateResponse:
+        digest = archive.check(request.archive)
+        template, version, queued = await self.db.write(
+            prov_tx.template_push, request, digest, now_us()
+        )
+        self.engine.provisioner_queued(queued)
+        return pv.PushTemplateResponse(template=template, version=version)
+
+    @rpc
+    async def ListTemplates(
+        self, request: pv.ListTemplatesRequest, context: Ctx
+    ) -> pv.ListTemplatesResponse:
+        return pv.ListTemplatesResponse(templates=await self.db.read(prov_tx.template_list))
+
+    @rpc
+    async def ListTemplateVersions(
+        self, request: pv.ListTemplateVersionsRequest, context: Ctx
+    ) -> pv.ListTemplateVersionsResponse:
+        versions = await self.db.read(prov_tx.template_versions_list, request.template)
+        return pv.ListTemplateVersionsResponse(versions=versions)
+
+    @rpc
+    async def GetTemplateVersion(
+        self, request: pv.GetTemplateVersionRequest, context: Ctx
+    ) -> pv.TemplateVersion:
+        version_id = await self.db.read(prov_tx.version_resolve, request.version)
+        return await self.db.read(prov_tx.version_get, version_id)
+
+    # -- workspaces ----------------------------------------------------------
+
+    @rpc
+    async def CreateWorkspace(
+        self, request: pv.CreateWorkspaceRequest, context: Ctx
+    ) -> pv.BuildResponse:
+        workspace, build, queued = await self.db.write(prov_tx.workspace_create, request, now_us())
+        self.engine.provisioner_queued(queued)
+        return pv.BuildResponse(workspace=workspace, build=build)
+
+    @rpc
+    async def BuildWorkspace(
+        self, request: pv.BuildWorkspaceRequest, context: Ctx
+    ) -> pv.BuildResponse:
+        workspace, build, queued = await self.db.write(prov_tx.workspace_build, request, now_us())
+        self.engine.provisioner_queued(queued)
+        return pv.BuildResponse(workspace=workspace, build=build)
+
+    @rpc
+    async def ListWorkspaces(
+        self, request: pv.ListWorkspacesRequest, context: Ctx
+    ) -> pv.ListWorkspacesResponse:
+        found = await self.db.read(prov_tx.workspace_list, request.owner, request.include_deleted)
+        return pv.ListWorkspacesResponse(workspaces=found)
+
+    @rpc
+    async def GetWorkspace(
+        self, request: pv.GetWorkspaceRequest, context: Ctx
+    ) -> pv.GetWorkspaceResponse:
+        return await self.db.read(prov_tx.workspace_show, request.workspace)
+
+    @rpc
+    async def DryRun(self, request: pv.DryRunRequest, context: Ctx) -> Job:
+        job_id, queued = await self.db.write(prov_tx.dry_run, request, now_us())
+        self.engine.provisioner_queued(queued)
+        return await self._job(job_id)
+
+    # -- quotas --------------------------------------------------------------
+
+    @rpc
+    async def SetQuota(self, request: pv.SetQuotaRequest, context: Ctx) -> pv.Quota:
+        allowance = None if request.clear else request.allowance
+        return await self.db.write(prov_tx.quota_set, request.user, allowance)
+
+    @rpc
+    async def GetQuota(self, request: pv.GetQuotaRequest, context: Ctx) -> pv.Quota:
+        return await self.db.read(prov_tx.quota_get, request.user)
+
+    # -- jobs and daemons ----------------------------------------------------
+
+    async def _job(self, job_id: str) -> Job:
+        return await self.db.read(prov_tx.job_view, job_id, now_us(), self._lease())
+
+    @rpc
+    async def ListProvisionerJobs(
+        self, request: pv.ListProvisionerJobsRequest, context: Ctx
+    ) -> pv.ListProvisionerJobsResponse:
+        limit = min(request.limit or 100, 10_000)
+        found = await self.db.read(
+            prov_tx.job_list, request.pending_only, limit, now_us(), self._lease()
+        )
+        return pv.ListProvisionerJobsResponse(jobs=found)
+
+    @rpc
+    async def GetProvisionerJob(self, request: pv.GetProvisionerJobRequest, context: Ctx) -> Job:
+        return await self._job(request.id)
+
+    @rpc
+    async def CancelProvisionerJob(
+        self, request: pv.CancelProvisionerJobRequest, context: Ctx
+    ) -> Job:
+        await self.engine.cancel(request.id, prov_tx.KIND)
+        return await self._job(request.id)
+
+    @rpc
+    async def ListProvisionerDaemons(
+        self, request: pv.ListProvisionerDaemonsRequest, context: Ctx
+    ) -> pv.ListProvisionerDaemonsResponse:
+        found = await self.db.read(prov_tx.daemons_list, now_us(), self._lease())
+        return pv.ListProvisionerDaemonsResponse(daemons=found)
+
+    @stream_rpc
+    async def WatchProvisionerJob(
+        self, request: pv.WatchProvisionerJobRequest, context: Ctx
+    ) -> AsyncIterator[pv.WatchProvisionerJobResponse]:
+        """Logs as they are stored, the job when it changes; the end after its final state."""
+        job_id = request.id
+        await self._job(job_id)  # NOT_FOUND before any message
+        shown: tuple[int, str, str] | None = None
+        after = -1
+        with self.engine.feed.subscribe(job_topic(job_id), output_topic(job_id)) as wake:
+            while True:
+                wake.clear()
+                job = await self._job(job_id)
+                # Output is read after the state, so a final state has all its lines here.
+                while True:
+                    rows = await self.db.read_bulk(job_tx.output_read, job_id, after)
+                    for seq, data in rows:
+                        after = seq
+                        logs = pv.WatchProvisionerJobResponse.Logs.FromString(data)
+                        yield pv.WatchProvisionerJobResponse(logs=logs)
+                    if len(rows) < 1000:
+                        break
+                now = (job.status, job.daemon_id, job.pending_reason)
+                if now != shown:
+                    shown = now
+                    yield pv.WatchProvisionerJobResponse(job=job)
+                if job.status in ENDED:
+                    return
+                await wait(wake, self.engine.timeouts.poll)
