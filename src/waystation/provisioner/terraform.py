@@ -170,6 +170,22 @@ class TerraformProvisioner:
         return outcome.stdout
 
 
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Stream pipes, plus an event for the process's exit.
+
+    Process.wait() (3.11) returns only once the pipes close too, which never
+    happens while a child left behind holds them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=PUMP_CHUNK, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
 async def run(
     session: Session, argv: list[str], env: dict[str, str], *, capture: bool = False
 ) -> _Outcome:
@@ -178,7 +194,9 @@ async def run(
     stdout is collected instead of logged when capture is set. A set cancel
     flag sends the process SIGINT and waits on; a cancelled task kills it.
     """
-    proc = await asyncio.create_subprocess_exec(
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(loop),
         *argv,
         cwd=session.directory,
         env=env,
@@ -187,7 +205,7 @@ async def run(
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group: our signals reach only it
     )
-    assert proc.stdout is not None and proc.stderr is not None
+    assert protocol.stdout is not None and protocol.stderr is not None
     collected = bytearray()
     stderr: list[str] = []
 
@@ -199,10 +217,10 @@ async def run(
         session.log(sdk.INFO, line)
 
     pumps = [
-        asyncio.ensure_future(_pump(proc.stdout, log_stdout, collected if capture else None)),
-        asyncio.ensure_future(_pump(proc.stderr, log_stderr, None)),
+        asyncio.ensure_future(_pump(protocol.stdout, log_stdout, collected if capture else None)),
+        asyncio.ensure_future(_pump(protocol.stderr, log_stderr, None)),
     ]
-    exited = asyncio.ensure_future(proc.wait())
+    exited = asyncio.ensure_future(protocol.exited.wait())
     canceled = asyncio.ensure_future(session.canceled.wait())
     try:
         pending: set[asyncio.Future[Any]] = {exited, canceled, *pumps}
@@ -211,27 +229,30 @@ async def run(
             for task in done:
                 if task is canceled:
                     with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGINT)
+                        transport.send_signal(signal.SIGINT)
                 elif task is not exited:
                     task.result()  # a failing log sink stops the command
         # Children it left behind may hold its output open: drain briefly, then kill them.
         _, still = await asyncio.wait(pumps, timeout=DRAIN_GRACE)
         if still:
-            _kill_group(proc.pid)
+            _kill_group(transport.get_pid())
             await asyncio.wait(still, timeout=DRAIN_GRACE)
         for pump in pumps:
             if pump.done():
                 pump.result()
     finally:
         canceled.cancel()
-        if proc.returncode is None or not all(p.done() for p in pumps):
-            _kill_group(proc.pid)  # a forced cancel: no grace
-            await proc.wait()
+        # A forced cancel gets no grace; after an exit, this stops what it left running.
+        _kill_group(transport.get_pid())
+        if not exited.done():
+            await protocol.exited.wait()
         exited.cancel()
+        transport.close()  # and the pipes, should a child that left the group still hold them
         for pump in pumps:
             pump.cancel()
-    assert proc.returncode is not None
-    return _Outcome(proc.returncode, bytes(collected), stderr)
+    returncode = transport.get_returncode()
+    assert returncode is not None
+    return _Outcome(returncode, bytes(collected), stderr)
 
 
 async def _pump(
