@@ -13,12 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import ceiling, fanout, idle, jobs, peers
+from bench import ceiling, fanout, idle, jobs, peers, provision
 from bench.common import Options, Results, machine
 
 SCENARIOS: dict[str, Callable[[Options, Results], None]] = {
     "ceiling": ceiling.run,
     "jobs": jobs.run,
+    "provision": provision.run,
     "idle": idle.run,
     "fanout": fanout.run,
     "peers": peers.run,
@@ -28,18 +29,13 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "scenarios", nargs="*", choices=[*SCENARIOS, "all", "provision"], default=["all"]
-    )
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, "all"], default=["all"])
     parser.add_argument("--quick", action="store_true", help="a run of about a minute each")
     parser.add_argument("--db", default="", help="postgresql://... (default: SQLite)")
     parser.add_argument("--no-fsync", action="store_true", help="measure without fsync")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
-    if "provision" in names:
-        print("provision: the provisionerd service is not built yet (its issue is open)")
-        names.remove("provision")
     options = Options(quick=args.quick, db=args.db, fsync=not args.no_fsync)
     results = Results()
     for name in names:
@@ -71,9 +67,10 @@ def report(results: Results, options: Options) -> str:
     ]
     for f in results.figures:
         per_second = f.unit.endswith("/s")
+        against_ceiling = per_second and f.scenario in ("jobs", "provision")
         lines.append(
             f"| {f.scenario} | {f.name} | {f.value:,.1f} | {f.unit} | "
-            f"{_ratio(f.value, ceiling_rate) if per_second and f.scenario == 'jobs' else ''} | "
+            f"{_ratio(f.value, ceiling_rate) if against_ceiling else ''} | "
             f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
             f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
             f"{f.note} |"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from grpc import aio
 
 from waystation.auth import tokens
 from waystation.engine.rules import now_us
@@ -88,3 +92,21 @@ class Authenticator:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def recheck(
+    authenticator: Authenticator, context: aio.ServicerContext[Any, Any], enabled: bool
+) -> Callable[[], Awaitable[None]] | None:
+    """For calls that wait long (a runner or daemon parked for work): verify the
+    caller's token again before handing out a job, so a token revoked meanwhile
+    gets nothing more. None when auth is off."""
+    if not enabled:
+        return None
+    metadata = dict(context.invocation_metadata() or ())
+    text = metadata.get("authorization", "")
+    token = text.removeprefix("Bearer ") if isinstance(text, str) else ""
+
+    async def check() -> None:
+        await authenticator.verify(token)
+
+    return check

@@ -86,6 +86,12 @@ def run(
         poll=_seconds(poll_interval, "--poll-interval"),
         provisioner_hang=_seconds(hang_timeout, "--hang-timeout"),
     )
+    if timeouts.provisioner_hang < 15:
+        logging.getLogger("waystation").warning(
+            "--hang-timeout %s is under three daemon heartbeats (5s each):"
+            " healthy provisioner jobs may be failed as hung",
+            hang_timeout,
+        )
     host = listen.rsplit(":", 1)[0]
     if dev and not is_loopback(host):
         raise typer.BadParameter(

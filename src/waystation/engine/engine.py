@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ from waystation.store import runners as runner_tx
 from waystation.store.provisioning import Daemon, Queued
 
 log = logging.getLogger(__name__)
+
+Recheck = Callable[[], Awaitable[None]]
 
 
 @dataclass(eq=False)
@@ -162,15 +164,22 @@ class JobEngine:
     async def config_changed(self) -> None:
         self.feed.publish(CONFIG_TOPIC)
 
-    async def next_job(self, runner: vs.Runner) -> vs.Job:
-        """Block until a job is assigned to this runner (it is then WAITING)."""
+    async def next_job(self, runner: vs.Runner, recheck: Recheck | None = None) -> vs.Job:
+        """Block until a job is assigned to this runner (it is then WAITING).
+
+        `recheck` (the caller's credentials) runs before each look after the
+        first: a runner whose token was revoked while it waited gets nothing."""
         waiter = Waiter(runner.id.lower(), runner.by_id_only)
         self._waiters.append(waiter)
         ack_timeout = to_us(self.timeouts.ack)
+        first = True
         try:
             while True:
                 if self._draining:
                     raise Unavailable("the server is shutting down; reconnect to another")
+                if recheck is not None and not first:
+                    await recheck()
+                first = False
                 waiter.wake.clear()  # before looking, so no wake-up is lost
                 assigning = asyncio.ensure_future(
                     self.db.write(
@@ -249,20 +258,30 @@ class JobEngine:
         self._wake_daemon(queued.provisioner, queued.tags)
 
     async def acquire(
-        self, daemon: Daemon, stop: asyncio.Event, timeout: float | None = None
+        self,
+        daemon: Daemon,
+        stop: asyncio.Event,
+        timeout: float | None = None,
+        recheck: Recheck | None = None,
     ) -> pd.AcquiredJob | None:
         """Block until a job fits this daemon (it is then RUNNING, held by the
-        daemon), `stop` is set, the timeout passes or the server drains: None."""
+        daemon), `stop` is set, the timeout passes or the server drains: None.
+        `recheck` as for next_job."""
         waiter = DaemonWaiter(daemon)
+        first = True
         self._daemon_waiters.append(waiter)
         hang = to_us(self.timeouts.provisioner_hang)
+        lease = to_us(self.timeouts.runner_lease)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout if timeout is not None else None
         try:
             while not stop.is_set() and not self._draining:
+                if recheck is not None and not first:
+                    await recheck()
+                first = False
                 waiter.wake.clear()
                 acquiring = asyncio.ensure_future(
-                    self.db.write(prov_tx.job_acquire, daemon, now_us(), hang)
+                    self.db.write(prov_tx.job_acquire, daemon, now_us(), hang, lease)
                 )
                 try:
                     job, failed = await asyncio.shield(acquiring)
@@ -297,6 +316,10 @@ class JobEngine:
                 self._spawn(self.provisioner_broken(job.job_id, daemon_id))
 
         return done
+
+    async def daemon_left(self, daemon_id: str) -> None:
+        """The daemon said goodbye (CancelAcquire): not connected any more."""
+        await self.db.write(prov_tx.daemon_left, daemon_id, now_us())
 
     async def provisioner_broken(self, job_id: str, daemon_id: str) -> None:
         if await self.db.write(prov_tx.connection_broken, job_id, daemon_id, now_us()):
@@ -463,7 +486,8 @@ class JobEngine:
     async def _wake_daemons_from_db(self) -> None:
         """The poll: parked daemons stay seen, and look at work queued elsewhere."""
         ids = {w.daemon.id for w in self._daemon_waiters}
-        await self.db.write(prov_tx.daemons_renew, ids, now_us())
+        lease = to_us(self.timeouts.runner_lease)
+        await self.db.write(prov_tx.daemons_renew, ids, now_us(), lease)
         for provisioner, tags in await self.db.read(prov_tx.jobs_queued_kinds):
             for waiter in self._daemon_waiters:
                 if not waiter.wake.is_set() and waiter.daemon.fits(provisioner, tags):

@@ -65,10 +65,14 @@ async def start(settings: ServerSettings) -> RunningServer:
     )
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
     vs_grpc.add_VagrantServicer_to_server(
-        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator)), server
+        cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator, settings.auth)),
+        server,
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
-        cast(pd_grpc.ProvisionerDaemonServicer, provisionerd.ProvisionerDaemonService(engine)),
+        cast(
+            pd_grpc.ProvisionerDaemonServicer,
+            provisionerd.ProvisionerDaemonService(engine, authenticator, settings.auth),
+        ),
         server,
     )
     pv_grpc.add_ProvisioningServicer_to_server(

@@ -20,6 +20,7 @@ from typing import Any
 from grpc import aio
 
 from waystation import validate
+from waystation.auth.service import Authenticator, recheck
 from waystation.engine.engine import JobEngine
 from waystation.errors import InvalidArgument
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
@@ -64,8 +65,10 @@ def identity(context: Ctx, *, acquiring: bool = False) -> Daemon:
 
 
 class ProvisionerDaemonService:
-    def __init__(self, engine: JobEngine) -> None:
+    def __init__(self, engine: JobEngine, auth: Authenticator, auth_enabled: bool = True) -> None:
         self.engine = engine
+        self.auth = auth
+        self.auth_enabled = auth_enabled
         fill_unimplemented(self, DESCRIPTOR)
 
     @rpc
@@ -73,7 +76,8 @@ class ProvisionerDaemonService:
         """Deprecated upstream: a long poll that answers an empty job when none comes."""
         daemon = identity(context, acquiring=True)
         timeout = self.engine.timeouts.acquire_long_poll
-        job = await self.engine.acquire(daemon, asyncio.Event(), timeout)
+        again = recheck(self.auth, context, self.auth_enabled)
+        job = await self.engine.acquire(daemon, asyncio.Event(), timeout, again)
         return job if job is not None else pd.AcquiredJob()
 
     @rpc
@@ -91,10 +95,13 @@ class ProvisionerDaemonService:
 
         reader = asyncio.ensure_future(read_cancel())
         try:
-            job = await self.engine.acquire(daemon, stop)
+            again = recheck(self.auth, context, self.auth_enabled)
+            job = await self.engine.acquire(daemon, stop, recheck=again)
         finally:
             reader.cancel()
         if job is None:
+            if stop.is_set():  # CancelAcquire: the daemon is going away
+                await self.engine.daemon_left(daemon.id)
             await context.write(pd.AcquiredJob())
             return
         try:

@@ -9,7 +9,7 @@ from grpc import aio
 
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import job_topic, output_topic, wait
-from waystation.engine.rules import now_us, to_us
+from waystation.engine.rules import now_us
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.provisioner import archive
 from waystation.server.errors import rpc, stream_rpc
@@ -29,9 +29,6 @@ class ProvisioningService:
         self.engine = engine
         self.db = engine.db
         fill_unimplemented(self, DESCRIPTOR)
-
-    def _lease(self) -> int:
-        return to_us(self.engine.timeouts.runner_lease)
 
     # -- templates -----------------------------------------------------------
 
@@ -117,16 +114,14 @@ class ProvisioningService:
     # -- jobs and daemons ----------------------------------------------------
 
     async def _job(self, job_id: str) -> Job:
-        return await self.db.read(prov_tx.job_view, job_id, now_us(), self._lease())
+        return await self.db.read(prov_tx.job_view, job_id, now_us())
 
     @rpc
     async def ListProvisionerJobs(
         self, request: pv.ListProvisionerJobsRequest, context: Ctx
     ) -> pv.ListProvisionerJobsResponse:
         limit = min(request.limit or 100, 10_000)
-        found = await self.db.read(
-            prov_tx.job_list, request.pending_only, limit, now_us(), self._lease()
-        )
+        found = await self.db.read(prov_tx.job_list, request.pending_only, limit, now_us())
         return pv.ListProvisionerJobsResponse(jobs=found)
 
     @rpc
@@ -144,7 +139,7 @@ class ProvisioningService:
     async def ListProvisionerDaemons(
         self, request: pv.ListProvisionerDaemonsRequest, context: Ctx
     ) -> pv.ListProvisionerDaemonsResponse:
-        found = await self.db.read(prov_tx.daemons_list, now_us(), self._lease())
+        found = await self.db.read(prov_tx.daemons_list, now_us())
         return pv.ListProvisionerDaemonsResponse(daemons=found)
 
     @stream_rpc

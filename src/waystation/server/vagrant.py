@@ -26,10 +26,11 @@ ENTRYPOINT_VERSION = vs.VersionInfo.ProtocolVersion(current=1, minimum=1)
 
 
 class VagrantService(StateRPCs, JobRPCs, RunnerRPCs, TokenRPCs):
-    def __init__(self, engine: JobEngine, auth: Authenticator) -> None:
+    def __init__(self, engine: JobEngine, auth: Authenticator, auth_enabled: bool = True) -> None:
         self.engine = engine
         self.store = engine.store
         self.auth = auth
+        self.auth_enabled = auth_enabled
         fill_unimplemented(self, DESCRIPTOR)
 
     async def GetVersionInfo(

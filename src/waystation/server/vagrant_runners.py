@@ -10,6 +10,7 @@ from typing import Any
 
 from grpc import aio
 
+from waystation.auth.service import Authenticator, recheck
 from waystation.engine.engine import JobEngine, OutputAppender
 from waystation.engine.feed import CONFIG_TOPIC, job_topic, wait
 from waystation.engine.rules import FINAL, RUNNING
@@ -27,6 +28,8 @@ Response = vs.RunnerJobStreamResponse
 
 class RunnerRPCs:
     engine: JobEngine
+    auth: Authenticator
+    auth_enabled: bool
 
     @rpc
     async def GetRunner(self, request: vs.GetRunnerRequest, context: Ctx) -> vs.Runner:
@@ -86,7 +89,7 @@ class RunnerRPCs:
         runner_id = runner.id
 
         # Step 2. If the client leaves while we wait, the wait is cancelled.
-        job = await self.engine.next_job(runner)
+        job = await self.engine.next_job(runner, recheck(self.auth, context, self.auth_enabled))
         try:
             await context.write(Response(assignment=Response.JobAssignment(job=job)))
             # Step 3.

@@ -720,11 +720,12 @@ def commit_quota(
 # -- the daemon's side of the state machine --------------------------------------------
 
 
-def daemon_seen(conn: Connection, daemon: Daemon, now: int) -> None:
+def daemon_seen(conn: Connection, daemon: Daemon, now: int, lease: int) -> None:
     values = {
         "provisioners": json.dumps(sorted(daemon.provisioners)),
         "tags": tags_json(daemon.tags),
         "last_seen": now,
+        "online_until": now + lease,
     }
     if not conn.execute(
         sa.update(provisioner_daemons).where(provisioner_daemons.c.id == daemon.id).values(values)
@@ -732,14 +733,22 @@ def daemon_seen(conn: Connection, daemon: Daemon, now: int) -> None:
         conn.execute(sa.insert(provisioner_daemons).values(id=daemon.id, first_seen=now, **values))
 
 
-def daemons_renew(conn: Connection, daemon_ids: Iterable[str], now: int) -> None:
+def daemons_renew(conn: Connection, daemon_ids: Iterable[str], now: int, lease: int) -> None:
     ids = list(daemon_ids)
     if ids:
         conn.execute(
             sa.update(provisioner_daemons)
             .where(provisioner_daemons.c.id.in_(ids))
-            .values(last_seen=now)
+            .values(last_seen=now, online_until=now + lease)
         )
+
+
+def daemon_left(conn: Connection, daemon_id: str, now: int) -> None:
+    conn.execute(
+        sa.update(provisioner_daemons)
+        .where(provisioner_daemons.c.id == daemon_id)
+        .values(last_seen=now, online_until=None)
+    )
 
 
 def _fitting(daemon: Daemon) -> sa.ColumnElement[bool]:
@@ -753,14 +762,14 @@ def _fitting(daemon: Daemon) -> sa.ColumnElement[bool]:
 
 
 def job_acquire(
-    conn: Connection, daemon: Daemon, now: int, hang: int
+    conn: Connection, daemon: Daemon, now: int, hang: int, lease: int
 ) -> tuple[pd.AcquiredJob | None, list[str]]:
     """Lock the oldest pending job this daemon may take: now RUNNING, held by it.
 
     Returns the job (None if none) and the ids of jobs failed on the way
     because their payload would exceed the message limit.
     """
-    daemon_seen(conn, daemon, now)
+    daemon_seen(conn, daemon, now, lease)
     failed: list[str] = []
     candidates = conn.execute(
         sa.select(jobs.c.id)
@@ -858,7 +867,7 @@ def _touch(conn: Connection, job_id: str, daemon_id: str, now: int, hang: int) -
     conn.execute(
         sa.update(provisioner_daemons)
         .where(provisioner_daemons.c.id == daemon_id)
-        .values(last_seen=now)
+        .values(last_seen=now, online_until=now + hang)  # online while its job lives
     )
 
 
@@ -1009,19 +1018,21 @@ def _finish(
 def jobs_fail_hung(conn: Connection, job_ids: Iterable[str], now: int, hang: float) -> list[str]:
     """RUNNING provisioner jobs past their hang deadline: failed, with a log line saying why."""
     ended = []
-    minutes = f"{hang / 60:g} minute{'s' if hang != 60 else ''}"
+    span = f"{hang / 60:g} minutes" if hang >= 120 else f"{hang:g} seconds"
     for job_id in job_ids:
         row = conn.execute(
-            sa.select(jobs.c.assigned_runner).where(
+            sa.select(jobs.c.assigned_runner)
+            .where(
                 jobs.c.id == job_id,
                 jobs.c.state == RUNNING,
                 jobs.c.heartbeat_deadline <= now,
             )
+            .with_for_update()  # an UpdateJob appending logs meanwhile waits for us
         ).first()
         if row is None:
             continue
         why = (
-            f"no update from provisioner daemon {row.assigned_runner} for {minutes}:"
+            f"no update from provisioner daemon {row.assigned_runner} for {span}:"
             " the job is considered hung and has been failed"
         )
         output_append_logs(
@@ -1144,25 +1155,25 @@ def _status(row: Row[tuple[object, ...]]) -> Job.Status.ValueType:
     return Job.CANCELED if canceled else Job.FAILED
 
 
-def job_view(conn: Connection, job_id: str, now: int, lease: int) -> Job:
+def job_view(conn: Connection, job_id: str, now: int) -> Job:
     """A job, with its place in the queue when pending."""
     job = job_get(conn, job_id)
     if job.status == Job.PENDING:
-        _place_in_queue(conn, [job], now, lease)
+        _place_in_queue(conn, [job], now)
     return job
 
 
-def job_list(conn: Connection, pending_only: bool, limit: int, now: int, lease: int) -> list[Job]:
+def job_list(conn: Connection, pending_only: bool, limit: int, now: int) -> list[Job]:
     query = _job_query().order_by(jobs.c.queue_time.desc(), jobs.c.id.desc()).limit(limit)
     if pending_only:
         query = query.where(jobs.c.state == QUEUED)
     rows = list(reversed(conn.execute(query).all()))
     result = [_job_message(conn, r) for r in rows]
-    _place_in_queue(conn, [j for j in result if j.status == Job.PENDING], now, lease)
+    _place_in_queue(conn, [j for j in result if j.status == Job.PENDING], now)
     return result
 
 
-def _place_in_queue(conn: Connection, wanted: list[Job], now: int, lease: int) -> None:
+def _place_in_queue(conn: Connection, wanted: list[Job], now: int) -> None:
     """Queue position among the pending jobs the able daemons could take, or why none can."""
     if not wanted:
         return
@@ -1172,7 +1183,7 @@ def _place_in_queue(conn: Connection, wanted: list[Job], now: int, lease: int) -
         .where(jobs.c.kind == KIND, jobs.c.state == QUEUED)
         .order_by(jobs.c.queue_time, jobs.c.id)
     ).all()
-    daemons = [d for d, online, _ in daemons_list_rows(conn, now, lease) if online]
+    daemons = [d for d, online, _ in daemons_list_rows(conn, now) if online]
     order = [(r.id, r.provisioner, json.loads(r.tags)) for r in pending]
     for job in wanted:
         able = [d for d in daemons if d.fits(job.provisioner, job.tags)]
@@ -1192,20 +1203,20 @@ def _tags_text(tags: Mapping[str, str]) -> str:
 
 
 def daemons_list_rows(
-    conn: Connection, now: int, lease: int
+    conn: Connection, now: int
 ) -> list[tuple[Daemon, bool, Row[tuple[object, ...]]]]:
     rows = conn.execute(sa.select(provisioner_daemons).order_by(provisioner_daemons.c.id)).all()
     return [
         (
             Daemon(r.id, tuple(json.loads(r.provisioners)), json.loads(r.tags)),
-            r.last_seen >= now - lease,
+            r.online_until is not None and r.online_until >= now,
             r,
         )
         for r in rows
     ]
 
 
-def daemons_list(conn: Connection, now: int, lease: int) -> list[pv.ProvisionerDaemon]:
+def daemons_list(conn: Connection, now: int) -> list[pv.ProvisionerDaemon]:
     busy = dict(
         conn.execute(
             sa.select(jobs.c.assigned_runner, jobs.c.id).where(
@@ -1214,7 +1225,7 @@ def daemons_list(conn: Connection, now: int, lease: int) -> list[pv.ProvisionerD
         ).all()
     )
     result = []
-    for daemon, online, row in daemons_list_rows(conn, now, lease):
+    for daemon, online, row in daemons_list_rows(conn, now):
         message = pv.ProvisionerDaemon(
             id=daemon.id,
             provisioners=daemon.provisioners,

@@ -224,6 +224,9 @@ provisioner_daemons = sa.Table(
     sa.Column("tags", sa.Text, nullable=False),  # JSON object
     sa.Column("first_seen", sa.BigInteger, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # Connected while this is in the future: renewed while it waits for work or
+    # reports on a job, cleared when it says goodbye (CancelAcquire).
+    sa.Column("online_until", sa.BigInteger),
 )
 
 templates = sa.Table(
