@@ -48,9 +48,11 @@ async def queue_imports(address: str, count: int, inflight: int) -> None:
 async def daemon_loop(stub: Any, daemon_id: str, done: Any, stop: Any) -> None:
     md = daemon_metadata(daemon_id)
     while not stop.is_set():
-        call = stub.AcquireJobWithCancel(metadata=md)
+        done_reading = asyncio.Event()
+
+        call = stub.AcquireJobWithCancel(_until(done_reading), metadata=md)
         job = await call.read()
-        call.cancel()
+        done_reading.set()
         if not isinstance(job, pd.AcquiredJob) or not job.job_id:
             continue
         await stub.UpdateJob(pd.UpdateJobRequest(job_id=job.job_id, logs=LOG_LINES), metadata=md)
@@ -60,6 +62,13 @@ async def daemon_loop(stub: Any, daemon_id: str, done: Any, stop: Any) -> None:
         await stub.CompleteJob(completed, metadata=md)
         with done.get_lock():
             done.value += 1
+
+
+async def _until(event: asyncio.Event) -> Any:
+    """No messages; half-close once `event` is set (never cancel a delivered job)."""
+    await event.wait()
+    return
+    yield
 
 
 async def daemon_process(address: str, names: list[str], done: Any, stop: Any) -> None:

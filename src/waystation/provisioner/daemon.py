@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,18 +144,25 @@ class ProvisionerDaemon:
             self.jobs_done += 1
 
     async def _acquire(self, stub: Any) -> pd.AcquiredJob | None:
-        call = stub.AcquireJobWithCancel(metadata=self.settings.metadata())
+        # Our side of the stream is an iterator we end ourselves, so nothing of
+        # the call outlives it.
+        outbox: asyncio.Queue[pd.CancelAcquire | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[pd.CancelAcquire]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        call = stub.AcquireJobWithCancel(requests(), metadata=self.settings.metadata())
         read = asyncio.ensure_future(call.read())
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
                 # Shutting down: ask the server to give up; a job locked meanwhile still comes.
-                with contextlib.suppress(aio.AioRpcError):
-                    await call.write(pd.CancelAcquire())
-                    await call.done_writing()
+                outbox.put_nowait(pd.CancelAcquire())
             response = await read
         finally:
+            outbox.put_nowait(None)
             stopping.cancel()
             if not read.done():
                 read.cancel()

@@ -23,6 +23,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -215,9 +216,10 @@ class Database:
                     outcomes.append(_run_alone(conn, batch[0]))
                 else:
                     for work in batch:
-                        outcomes.append(_run_in_savepoint(conn, work))
+                        outcomes.append(_run_in_savepoint(conn, work, alone=False))
         except Exception as exc:  # the commit itself failed: retry one by one
-            log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
+            if not _transient(exc):
+                log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
             conn = _reconnect(conn)
             outcomes = []
             for work in batch:
@@ -233,27 +235,56 @@ class Database:
         return conn
 
 
-def _run_in_savepoint(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
-    savepoint = conn.begin_nested()
-    try:
-        result = work.fn(conn, *work.args, **work.kwargs)
-    except Exception as exc:
-        savepoint.rollback()
-        if not isinstance(exc, WaystationError):
-            log.exception("transaction %s failed", getattr(work.fn, "__name__", work.fn))
-        return work, None, exc
-    savepoint.commit()
-    return work, result, None
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction
+# lost a race with another writer's batch (several writers hold row locks
+# until their batch commits, in no common order) and may simply run again.
+_TRANSIENT = frozenset({"40P01", "40001"})
+_ATTEMPTS = 5
+
+
+def _transient(exc: BaseException) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _TRANSIENT
+
+
+def _run_in_savepoint(
+    conn: Connection, work: _Work, *, alone: bool = True
+) -> tuple[_Work, Any, BaseException | None]:
+    for attempt in range(1, _ATTEMPTS + 1):
+        savepoint = conn.begin_nested()
+        try:
+            result = work.fn(conn, *work.args, **work.kwargs)
+        except Exception as exc:
+            savepoint.rollback()  # also releases the locks it took
+            if _transient(exc) and not alone:
+                # The batch's other transactions still hold the locks the winner
+                # waits for: give them all up, then run each on its own.
+                raise
+            if _transient(exc) and attempt < _ATTEMPTS:
+                log.info("transaction %s lost a lock race; retrying", _name(work))
+                time.sleep(0.002 * attempt)
+                continue
+            if not isinstance(exc, WaystationError):
+                log.exception("transaction %s failed", _name(work))
+            return work, None, exc
+        savepoint.commit()
+        return work, result, None
+    raise AssertionError("unreachable")
 
 
 def _run_alone(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
     try:
         return work, work.fn(conn, *work.args, **work.kwargs), None
     except Exception as exc:
+        if _transient(exc):
+            raise  # the batch path retries it in a savepoint
         conn.rollback()
         if not isinstance(exc, WaystationError):
-            log.exception("transaction %s failed", getattr(work.fn, "__name__", work.fn))
+            log.exception("transaction %s failed", _name(work))
         return work, None, exc
+
+
+def _name(work: _Work) -> str:
+    return str(getattr(work.fn, "__name__", work.fn))
 
 
 def _reconnect(conn: Connection) -> Connection:
