@@ -7,8 +7,12 @@ Contexts are named servers with their credentials, kept in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
+import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +24,8 @@ import platformdirs
 from grpc import aio
 
 from waystation.config import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
 
 # Sent with every call, as upstream clients do: "<minimum>,<current>".
 PROTOCOL = ("client-api-protocol", "1,1")
@@ -81,6 +87,16 @@ class Connection:
                 self.address, self._credentials(), options=opts, interceptors=interceptors
             )
         return aio.insecure_channel(self.address, options=opts, interceptors=interceptors)
+
+
+async def reconnect_pause(why: str, delay: float, stop: asyncio.Event, most: float) -> float:
+    """Wait `delay` (jittered) before reconnecting, or until `stop`; return the next delay."""
+    wait = delay * random.uniform(0.8, 1.2)
+    log.warning("server unreachable (%s); reconnecting in %.1fs", why, wait)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            await stop.wait()
+    return min(delay * 2, most)
 
 
 def _cert_name(address: str) -> str:

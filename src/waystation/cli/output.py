@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -76,6 +77,15 @@ def rpc_errors(ctx: Context, about: str = "") -> Iterator[None]:
             fail(f"the server at {ctx.address} did not answer in time")
         else:
             fail(f"{about}: {details} ({code.name})" if about else f"{details} ({code.name})")
+
+
+def configure_logging(level: str) -> None:
+    """Logging for the long-running commands (server, runner, provisioner daemon)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def fail(message: str) -> NoReturn:

@@ -18,6 +18,7 @@ from rich.text import Text
 from waystation.cli.output import (
     Context,
     call,
+    configure_logging,
     err,
     fail,
     out,
@@ -492,11 +493,7 @@ def daemon(
     from waystation.provisioner.base import load
     from waystation.provisioner.daemon import DaemonSettings, ProvisionerDaemon
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
+    configure_logging(log_level)
     names = provisioners or ["echo"]
     try:
         loaded = load(names)

@@ -12,7 +12,14 @@ from typing import Annotated
 import platformdirs
 import typer
 
-from waystation.cli.output import Context, call, print_json, print_record, print_table
+from waystation.cli.output import (
+    Context,
+    call,
+    configure_logging,
+    print_json,
+    print_record,
+    print_table,
+)
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
@@ -51,11 +58,7 @@ def agent(
         return
     from waystation.runner.agent import Agent, AgentSettings
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
+    configure_logging(log_level)
     c: Context = ctx.obj
     settings = AgentSettings(
         address=c.address,

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from waystation.client import Connection
+from waystation.client import Connection, reconnect_pause
 from waystation.errors import InvalidArgument
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
@@ -120,12 +120,9 @@ class ProvisionerDaemon:
                 if exc.code() not in (*RETRYABLE, grpc.StatusCode.CANCELLED):
                     log.error("server refused the daemon: %s: %s", exc.code().name, exc.details())
                     raise
-                wait = delay * random.uniform(0.8, 1.2)
-                log.warning("server unreachable (%s); reconnecting in %.1fs", exc.code().name, wait)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._stop.wait()
-                delay = min(delay * 2, self.settings.backoff_max)
+                delay = await reconnect_pause(
+                    exc.code().name, delay, self._stop, self.settings.backoff_max
+                )
 
     def _quota_reached(self) -> bool:
         return self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs

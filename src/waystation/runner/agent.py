@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import grpc
 from google.rpc import code_pb2
 from grpc import aio
 
-from waystation.client import Connection
+from waystation.client import Connection, reconnect_pause
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.runner.operations import JobFailed, Runtime, execute
@@ -85,12 +84,9 @@ class Agent:
                     ):
                         raise
                 self.registered.clear()
-                wait = delay * random.uniform(0.8, 1.2)
-                log.warning("server unreachable (%s); reconnecting in %.1fs", exc.code().name, wait)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._stop.wait()
-                delay = min(delay * 2, self.settings.backoff_max)
+                delay = await reconnect_pause(
+                    exc.code().name, delay, self._stop, self.settings.backoff_max
+                )
 
     def _quota_reached(self) -> bool:
         return self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs
