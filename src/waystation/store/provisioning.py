@@ -147,18 +147,21 @@ def template_push(
     name = validate.name("template", request.template)
     provisioner = validate.name("template", request.provisioner, field="provisioner")
     tags = check_tags(request.tags)
-    row = conn.execute(
-        sa.select(templates).where(templates.c.name_key == name.lower()).with_for_update()
-    ).first()
+    # Locked: versions of one template are numbered one push at a time.
+    find = sa.select(templates).where(templates.c.name_key == name.lower()).with_for_update()
+    row = conn.execute(find).first()
     if row is None:
-        template_id = new_id()
-        conn.execute(
-            sa.insert(templates).values(
-                id=template_id, name=name, name_key=name.lower(), created_at=now
-            )
-        )
-    else:
-        template_id = row.id
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    sa.insert(templates).values(
+                        id=new_id(), name=name, name_key=name.lower(), created_at=now
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # another replica created it just now
+        row = conn.execute(find).one()
+    template_id = row.id
     number = (
         conn.execute(
             sa.select(sa.func.max(template_versions.c.number)).where(
@@ -182,7 +185,7 @@ def template_push(
     version = pv.TemplateVersion(
         id=version_id,
         template_id=template_id,
-        template_name=row.name if row is not None else name,
+        template_name=row.name,
         name=version_name,
         provisioner=provisioner,
         tags=tags,
