@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from waystation import testing as t
 from waystation.auth import tokens
 from waystation.auth.service import KEY_CACHE_SECONDS
+from waystation.client import Connection
 from waystation.config import ServerSettings
 from waystation.engine.rules import now_us
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -700,3 +701,28 @@ async def test_random_authorization_is_always_unauthenticated(
     )
     assert code not in BROKEN, f"{value!r}: {code.name} {details}"
     assert code == UNAUTHENTICATED, f"{value!r}: {code.name} {details}"
+
+
+async def test_runner_parked_for_work_gets_nothing_after_its_token_is_revoked(
+    server: RunningServer,
+    vagrant: vs_grpc.VagrantAsyncStub,
+    admin: admin_grpc.AdminAsyncStub,
+) -> None:
+    """A long call was authorized when it started; the token is checked again
+    before a job is handed out, so a revoked runner waiting for work gets none."""
+    minted = (await vagrant.GenerateLoginToken(Empty())).token
+    async with Connection(server.address, minted).aio_channel() as runner_channel:
+        runner = t.FakeRunner(runner_channel, "parked")
+        await runner.register()
+        stream = runner.job_stream()
+        await stream.request()
+        await asyncio.sleep(0.5)  # parked in the engine, waiting for work
+        await admin.RevokeToken(admin_pb.RevokeTokenRequest(token_id=token_id(minted)))
+        job_id = (await vagrant.QueueJob(vs.QueueJobRequest(job=t.noop_job()))).job_id
+        with pytest.raises(aio.AioRpcError) as refused:
+            await stream.read(timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (refused.value.details() or "")
+        await runner.close()
+    job = await vagrant.GetJob(vs.GetJobRequest(job_id=job_id))
+    assert job.state == vs.Job.QUEUED and not job.HasField("assigned_runner")
