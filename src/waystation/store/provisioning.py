@@ -33,8 +33,8 @@ from waystation.ids import new_id
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
+from waystation.store import jobs as job_tx
 from waystation.store.schema import (
-    job_output,
     jobs,
     provisioner_daemons,
     provisioner_job_tags,
@@ -223,11 +223,20 @@ def template_push(
     return template_get(conn, template_id), version_get(conn, version_id), queued
 
 
+def _templates_query() -> sa.Select[tuple[object, ...]]:
+    count = (
+        sa.select(sa.func.count())
+        .where(template_versions.c.template_id == templates.c.id)
+        .scalar_subquery()
+    )
+    return sa.select(templates, count.label("version_count"))
+
+
 def template_get(conn: Connection, template_id: str) -> pv.Template:
-    row = conn.execute(sa.select(templates).where(templates.c.id == template_id)).first()
+    row = conn.execute(_templates_query().where(templates.c.id == template_id)).first()
     if row is None:
         raise NotFound("template not found")
-    return _template_message(conn, row)
+    return _template_message(row)
 
 
 def _template_row(conn: Connection, name: str) -> Row[tuple[object, ...]]:
@@ -238,23 +247,20 @@ def _template_row(conn: Connection, name: str) -> Row[tuple[object, ...]]:
     return row
 
 
-def _template_message(conn: Connection, row: Row[tuple[object, ...]]) -> pv.Template:
-    count = conn.execute(
-        sa.select(sa.func.count()).where(template_versions.c.template_id == row.id)
-    ).scalar_one()
+def _template_message(row: Row[tuple[object, ...]]) -> pv.Template:
     template = pv.Template(
         id=row.id,
         name=row.name,
         active_version_id=row.active_version_id or "",
-        version_count=count,
+        version_count=row.version_count,
     )
     template.created_at.FromMicroseconds(row.created_at)
     return template
 
 
 def template_list(conn: Connection) -> list[pv.Template]:
-    rows = conn.execute(sa.select(templates).order_by(templates.c.name_key)).all()
-    return [_template_message(conn, r) for r in rows]
+    rows = conn.execute(_templates_query().order_by(templates.c.name_key)).all()
+    return [_template_message(r) for r in rows]
 
 
 def template_versions_list(conn: Connection, name: str) -> list[pv.TemplateVersion]:
@@ -555,13 +561,6 @@ def build_get(conn: Connection, build_id: str) -> pv.WorkspaceBuild:
     if row is None:
         raise NotFound("workspace build not found")
     return _build_message(conn, row)
-
-
-def build_state(conn: Connection, build_id: str) -> bytes:
-    state = conn.execute(
-        sa.select(workspace_builds.c.state).where(workspace_builds.c.id == build_id)
-    ).scalar()
-    return bytes(state or b"")
 
 
 def _workspace_message(conn: Connection, row: Row[tuple[object, ...]]) -> pv.Workspace:
@@ -918,9 +917,7 @@ def _job_version(conn: Connection, job_id: str) -> pv.TemplateVersion:
     return version_get(conn, version_id)
 
 
-def job_complete(
-    conn: Connection, daemon_id: str, completed: pd.CompletedJob, now: int
-) -> Row[tuple[object, ...]]:
+def job_complete(conn: Connection, daemon_id: str, completed: pd.CompletedJob, now: int) -> None:
     row = _owned(conn, completed.job_id, daemon_id)
     which = completed.WhichOneof("type")
     if which is None:
@@ -945,7 +942,6 @@ def job_complete(
             conn, row.id, completed.workspace_build.state, completed.workspace_build.resources, now
         )
     _finish(conn, row.id, now, SUCCESS, result=completed.SerializeToString(deterministic=True))
-    return row
 
 
 def _build_done(
@@ -970,9 +966,7 @@ def _build_done(
     )
 
 
-def job_fail(
-    conn: Connection, daemon_id: str, failed: pd.FailedJob, now: int
-) -> Row[tuple[object, ...]]:
+def job_fail(conn: Connection, daemon_id: str, failed: pd.FailedJob, now: int) -> None:
     row = _owned(conn, failed.job_id, daemon_id)
     which = failed.WhichOneof("type")
     if which is None:
@@ -982,7 +976,6 @@ def job_fail(
     if which == WORKSPACE_BUILD and failed.workspace_build.state:
         _build_done(conn, row.id, failed.workspace_build.state, None, now)  # partial state
     _finish(conn, row.id, now, ERROR, error=failed.error or "failed", error_code=failed.error_code)
-    return row
 
 
 def _finish(
@@ -1074,16 +1067,8 @@ def connection_broken(conn: Connection, job_id: str, daemon_id: str, now: int) -
 
 def output_append_logs(conn: Connection, job_id: str, logs: list[pd.Log]) -> None:
     """One batch of log lines; the job row is locked by the caller, so seq is ours."""
-    last = conn.execute(
-        sa.select(sa.func.max(job_output.c.seq)).where(job_output.c.job_id == job_id)
-    ).scalar()
-    conn.execute(
-        sa.insert(job_output).values(
-            job_id=job_id,
-            seq=0 if last is None else last + 1,
-            data=Logs(logs=logs).SerializeToString(),
-        )
-    )
+    seq = job_tx.output_next_seq(conn, job_id)
+    job_tx.output_append(conn, job_id, seq, [Logs(logs=logs).SerializeToString()])
 
 
 # -- reading jobs --------------------------------------------------------------------
@@ -1098,17 +1083,22 @@ def _job_query() -> sa.Select[tuple[object, ...]]:
         provisioner_jobs.c.template_version_id,
         provisioner_jobs.c.workspace_build_id,
         provisioner_jobs.c.error_code,
-    ).select_from(jobs.join(provisioner_jobs))
+        workspace_builds.c.workspace_id,
+    ).select_from(
+        jobs.join(provisioner_jobs).outerjoin(
+            workspace_builds, workspace_builds.c.id == provisioner_jobs.c.workspace_build_id
+        )
+    )
 
 
 def job_get(conn: Connection, job_id: str) -> Job:
     row = conn.execute(_job_query().where(jobs.c.id == job_id)).first()
     if row is None:
         raise NotFound("provisioner job not found")
-    return _job_message(conn, row)
+    return _job_message(row)
 
 
-def _job_message(conn: Connection, row: Row[tuple[object, ...]]) -> Job:
+def _job_message(row: Row[tuple[object, ...]]) -> Job:
     job = Job(
         id=row.id,
         type=JOB_TYPES.get(row.operation, Job.TYPE_UNSPECIFIED),
@@ -1119,6 +1109,7 @@ def _job_message(conn: Connection, row: Row[tuple[object, ...]]) -> Job:
         error_code=row.error_code or "",
         template_version_id=row.template_version_id,
         workspace_build_id=row.workspace_build_id or "",
+        workspace_id=row.workspace_id or "",
         owner=row.owner,
     )
     for column, name in (
@@ -1132,14 +1123,6 @@ def _job_message(conn: Connection, row: Row[tuple[object, ...]]) -> Job:
             getattr(job, name).FromMicroseconds(value)
     if row.error is not None:
         job.error = status_pb2.Status.FromString(row.error).message
-    if row.workspace_build_id:
-        job.workspace_id = str(
-            conn.execute(
-                sa.select(workspace_builds.c.workspace_id).where(
-                    workspace_builds.c.id == row.workspace_build_id
-                )
-            ).scalar()
-        )
     if row.operation == TEMPLATE_DRY_RUN and row.result is not None:
         job.dry_run_resources.extend(
             pd.CompletedJob.FromString(row.result).template_dry_run.resources
@@ -1171,7 +1154,7 @@ def job_list(conn: Connection, pending_only: bool, limit: int, now: int) -> list
     if pending_only:
         query = query.where(jobs.c.state == QUEUED)
     rows = list(reversed(conn.execute(query).all()))
-    result = [_job_message(conn, r) for r in rows]
+    result = [_job_message(r) for r in rows]
     _place_in_queue(conn, [j for j in result if j.status == Job.PENDING], now)
     return result
 
