@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from waystation.errors import AlreadyExists, WaystationError
 from waystation.store import Store
 from waystation.store.migrate import alembic_config
+from waystation.store.prepared import Prepared
 from waystation.store.schema import bases, metadata
 
 
@@ -94,3 +95,56 @@ def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> 
         store.db.run_sync(check)
     finally:
         asyncio.run(store.close())
+
+
+# -- prepared statements (store.prepared): the hot path's driver-level execution --
+
+_PUT = Prepared(
+    sa.insert(bases).values(
+        resource_id=sa.bindparam("name"),
+        name=sa.bindparam("name"),
+        name_key=sa.bindparam("name"),
+        path=sa.bindparam("path"),
+        data=b"fixed",
+    )
+)
+_DATA = Prepared(sa.select(bases.c.data).where(bases.c.name == sa.bindparam("name")))
+
+
+def _put_twice_in_savepoint(conn: Connection, name: str) -> None:
+    _PUT.run(conn, name=name, path=f"/{name}")
+    conn.begin_nested()  # left open on purpose: the writer must clean it up
+    _PUT.run(conn, name=name, path=f"/{name}/2")
+
+
+async def test_prepared_statements_raise_sqlalchemy_errors_and_roll_back_alone(
+    backend_url: str,
+) -> None:
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        results = await asyncio.gather(
+            store.db.write(lambda conn: _PUT.run(conn, name="kept", path="/k") and None),
+            store.db.write(_put_twice_in_savepoint, "dup"),
+            store.db.write(lambda conn: _PUT.run(conn, name="after", path="/a") and None),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], sa.exc.IntegrityError), results[1]
+        assert await store.db.read(_names) == {"kept", "after"}
+        # Values written into the statement (data) travel with the caller's.
+        assert await store.db.read(lambda conn: _DATA.one(conn, name="kept")) == (b"fixed",)
+        assert await store.db.read(lambda conn: _DATA.one(conn, name="gone")) is None
+    finally:
+        await store.close()
+
+
+async def test_prepared_statements_refuse_in_lists_that_expand_at_execution(
+    backend_url: str,
+) -> None:
+    expanding = Prepared(sa.select(bases.c.name).where(bases.c.name.in_(["a", "b"])))
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        with pytest.raises(ValueError, match="IN"):
+            await store.db.read(lambda conn: expanding.all(conn))
+    finally:
+        await store.close()

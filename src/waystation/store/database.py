@@ -95,6 +95,7 @@ class Database:
             for i in range(writers)
         ]
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="db-reader")
+        self._inline_conn: Connection | None = None
         self._closed = False
 
     def _sqlite_engine(self, *, immediate: bool) -> Engine:
@@ -145,6 +146,8 @@ class Database:
             if thread.is_alive():
                 await loop.run_in_executor(None, thread.join)
         self._readers.shutdown(wait=True)
+        if self._inline_conn is not None:
+            self._inline_conn.close()
         self._write_engine.dispose()
         self._read_engine.dispose()
 
@@ -173,8 +176,17 @@ class Database:
         may take long use `read_bulk`. PostgreSQL reads go to reader threads.
         """
         if self._inline_reads:
-            return self._read_sync(fn, *args, **kwargs)
+            return self._read_inline(fn, *args, **kwargs)
         return await self.read_bulk(fn, *args, **kwargs)
+
+    def _read_inline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        # The event loop's own connection, kept: a pool checkout per read costs
+        # more than the read. Reads here never await, so none interleave.
+        conn = self._inline_conn
+        if conn is None or conn.closed:
+            conn = self._inline_conn = self._read_engine.connect()
+        with conn.begin():
+            return fn(conn, *args, **kwargs)
 
     async def read_bulk(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """A read that may scan much (listing every job): always off the event loop."""
@@ -250,11 +262,16 @@ def _run_in_savepoint(
     conn: Connection, work: _Work, *, alone: bool = True
 ) -> tuple[_Work, Any, BaseException | None]:
     for attempt in range(1, _ATTEMPTS + 1):
-        savepoint = conn.begin_nested()
+        # Straight to the driver: SQLAlchemy's begin_nested costs more than
+        # most of the transactions it would wrap.
+        _driver(conn, "SAVEPOINT ws_work")
         try:
             result = work.fn(conn, *work.args, **work.kwargs)
         except Exception as exc:
-            savepoint.rollback()  # also releases the locks it took
+            while conn.in_nested_transaction():  # the transaction's own, left open
+                conn.get_nested_transaction().rollback()  # type: ignore[union-attr]
+            _driver(conn, "ROLLBACK TO SAVEPOINT ws_work")  # also releases its locks
+            _driver(conn, "RELEASE SAVEPOINT ws_work")
             if _transient(exc) and not alone:
                 # The batch's other transactions still hold the locks the winner
                 # waits for: give them all up, then run each on its own.
@@ -266,9 +283,13 @@ def _run_in_savepoint(
             if not isinstance(exc, WaystationError):
                 log.exception("transaction %s failed", _name(work))
             return work, None, exc
-        savepoint.commit()
+        _driver(conn, "RELEASE SAVEPOINT ws_work")
         return work, result, None
     raise AssertionError("unreachable")
+
+
+def _driver(conn: Connection, sql: str) -> None:
+    conn.connection.dbapi_connection.cursor().execute(sql)  # type: ignore[union-attr]
 
 
 def _run_alone(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:

@@ -9,13 +9,14 @@ writer), and a partial unique index refuses a second held job per scope.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from google.rpc import status_pb2
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 
 from waystation.engine import rules
 from waystation.engine.rules import ERROR, FINAL, HELD, QUEUED, RUNNING, SUCCESS, WAITING
@@ -24,6 +25,7 @@ from waystation.ids import new_id
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import resources
+from waystation.store.prepared import Prepared
 from waystation.store.schema import bases, job_output, jobs, projects
 
 VAGRANT = "vagrant"  # jobs.kind of runner jobs (provisioner jobs: store.provisioning)
@@ -82,24 +84,47 @@ def job_queue(conn: Connection, job: vs.Job, now: int, expires_in: int | None) -
     stored.id = job_id
     operation = job.WhichOneof("operation") or ""
     runner_id = job.target_runner.id.id.lower() if job.target_runner.HasField("id") else None
-    conn.execute(
-        sa.insert(jobs).values(
-            id=job_id,
-            state=QUEUED,
-            operation=operation,
-            scope_key=rules.serialization_key(
-                operation, scope.basis_id, scope.project_id, scope.target_id
-            ),
-            basis_id=scope.basis_id,
-            project_id=scope.project_id,
-            target_id=scope.target_id,
-            runner_id=runner_id,
-            queue_time=now,
-            expire_time=now + expires_in if expires_in is not None else None,
-            data=stored.SerializeToString(deterministic=True),
-        )
+    _INSERT.run(
+        conn,
+        id=job_id,
+        kind=VAGRANT,
+        state=QUEUED,
+        operation=operation,
+        scope_key=rules.serialization_key(
+            operation, scope.basis_id, scope.project_id, scope.target_id
+        ),
+        basis_id=scope.basis_id,
+        project_id=scope.project_id,
+        target_id=scope.target_id,
+        runner_id=runner_id,
+        queue_time=now,
+        expire_time=now + expires_in if expires_in is not None else None,
+        data=stored.SerializeToString(deterministic=True),
     )
     return job_id
+
+
+_INSERT = Prepared(
+    sa.insert(jobs).values(
+        {
+            column: sa.bindparam(column)
+            for column in (
+                "id",
+                "kind",
+                "state",
+                "operation",
+                "scope_key",
+                "basis_id",
+                "project_id",
+                "target_id",
+                "runner_id",
+                "queue_time",
+                "expire_time",
+                "data",
+            )
+        }
+    )
+)
 
 
 _SERVER_FIELDS: tuple[
@@ -158,41 +183,58 @@ def job_assign(
 ) -> vs.Job | None:
     """Give the runner the oldest QUEUED job it may run, now WAITING; None if none."""
     rid = runner_id.lower()
-    target = jobs.c.runner_id == rid
+    for job_id, scope_key in _CANDIDATES[by_id_only].all(conn, rid=rid):
+        take = {"id": job_id, "rid": rid, "now": now, "deadline": now + ack_timeout}
+        if scope_key is None:
+            row = _TAKE.one(conn, **take)
+        else:
+            # The scope's unique index may refuse it: another replica took a job
+            # of this scope just now.
+            savepoint = conn.begin_nested()
+            try:
+                row = _TAKE.one(conn, **take)
+            except sa.exc.IntegrityError:
+                savepoint.rollback()
+                continue
+            savepoint.commit()
+        if row is not None:
+            return _message(JobRow._make(row))
+    return None
+
+
+def _candidates(by_id_only: bool) -> Prepared:
+    target = jobs.c.runner_id == sa.bindparam("rid")
     if not by_id_only:
         target = sa.or_(target, jobs.c.runner_id.is_(None))
     held = jobs.alias("held")
     not_blocked = sa.or_(
         jobs.c.scope_key.is_(None),
-        ~sa.exists().where(held.c.scope_key == jobs.c.scope_key, held.c.state.in_(HELD)),
+        ~sa.exists().where(
+            held.c.scope_key == jobs.c.scope_key,
+            sa.or_(*(held.c.state == state for state in HELD)),
+        ),
     )
-    candidates = conn.execute(
-        sa.select(jobs.c.id)
+    return Prepared(
+        sa.select(jobs.c.id, jobs.c.scope_key)
         .where(jobs.c.kind == VAGRANT, jobs.c.state == QUEUED, target, not_blocked)
         .order_by(jobs.c.queue_time, jobs.c.id)
         .limit(8)
         .with_for_update(skip_locked=True)
-    ).scalars()
-    for job_id in candidates:
-        savepoint = conn.begin_nested()
-        try:
-            taken = conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-                .values(
-                    state=WAITING,
-                    assigned_runner=rid,
-                    assign_time=now,
-                    ack_deadline=now + ack_timeout,
-                )
-            ).rowcount
-        except sa.exc.IntegrityError:
-            savepoint.rollback()  # another replica took this job's scope just now
-            continue
-        savepoint.commit()
-        if taken:
-            return job_get(conn, job_id)
-    return None
+    )
+
+
+_CANDIDATES = {flag: _candidates(flag) for flag in (False, True)}
+_TAKE = Prepared(
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
+    .values(
+        state=WAITING,
+        assigned_runner=sa.bindparam("rid"),
+        assign_time=sa.bindparam("now"),
+        ack_deadline=sa.bindparam("deadline"),
+    )
+    .returning(*jobs.c)
+)
 
 
 def _assignment(job_id: str, runner_id: str, assigned_at: int) -> sa.ColumnElement[bool]:
@@ -214,19 +256,35 @@ def job_ack(
     now: int,
     heartbeat_timeout: int,
 ) -> vs.Job:
-    updated = conn.execute(
-        sa.update(jobs)
-        .where(_assignment(job_id, runner_id, assigned_at))
-        .values(
-            state=RUNNING,
-            ack_time=now,
-            ack_deadline=None,
-            heartbeat_deadline=now + heartbeat_timeout,
-        )
-    ).rowcount
-    if not updated:
+    row = _ACK.one(
+        conn,
+        id=job_id,
+        rid=runner_id.lower(),
+        assigned_at=assigned_at,
+        now=now,
+        deadline=now + heartbeat_timeout,
+    )
+    if row is None:
         raise FailedPrecondition("job is no longer assigned to this runner")
-    return job_get(conn, job_id)
+    return _message(JobRow._make(row))
+
+
+_ACK = Prepared(
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("id"),
+        jobs.c.state == WAITING,
+        jobs.c.assigned_runner == sa.bindparam("rid"),
+        jobs.c.assign_time == sa.bindparam("assigned_at"),
+    )
+    .values(
+        state=RUNNING,
+        ack_time=sa.bindparam("now"),
+        ack_deadline=None,
+        heartbeat_deadline=sa.bindparam("deadline"),
+    )
+    .returning(*jobs.c)
+)
 
 
 def job_nack(conn: Connection, job_id: str, runner_id: str, assigned_at: int) -> bool:
@@ -276,25 +334,44 @@ def job_complete(
     error: status_pb2.Status | None,
 ) -> vs.Job:
     """RUNNING -> SUCCESS with a result, or ERROR with an error."""
-    row = _row(conn, job_id, lock=True)
-    if row.assigned_runner != runner_id.lower():
+    row = _COMPLETE.one(
+        conn,
+        id=job_id,
+        rid=runner_id.lower(),
+        new_state=ERROR if error is not None else SUCCESS,
+        now=now,
+        new_error=error.SerializeToString() if error is not None else None,
+        new_result=result.SerializeToString() if result is not None else None,
+    )
+    if row is not None:
+        return _message(JobRow._make(row))
+    # Not done: say why.
+    current = _row(conn, job_id)
+    if current.assigned_runner != runner_id.lower():
         raise FailedPrecondition("job is not assigned to this runner")
-    if not rules.can_complete(row.state):
-        raise FailedPrecondition(
-            f"job can't be completed from state: {rules.state_name(row.state)}"
-        )
-    values: dict[str, object] = {
-        "state": ERROR if error is not None else SUCCESS,
-        "complete_time": now,
-        "ack_deadline": None,
-        "heartbeat_deadline": None,
-    }
-    if error is not None:
-        values["error"] = error.SerializeToString()
-    if result is not None:
-        values["result"] = result.SerializeToString()
-    conn.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == RUNNING).values(values))
-    return job_get(conn, job_id)
+    raise FailedPrecondition(
+        f"job can't be completed from state: {rules.state_name(current.state)}"
+    )
+
+
+_COMPLETE = Prepared(
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("id"),
+        jobs.c.kind == VAGRANT,
+        jobs.c.state == RUNNING,
+        jobs.c.assigned_runner == sa.bindparam("rid"),
+    )
+    .values(
+        state=sa.bindparam("new_state"),
+        complete_time=sa.bindparam("now"),
+        ack_deadline=None,
+        heartbeat_deadline=None,
+        error=sa.bindparam("new_error"),
+        result=sa.bindparam("new_result"),
+    )
+    .returning(*jobs.c)
+)
 
 
 def _end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: int) -> bool:
@@ -450,19 +527,20 @@ def jobs_queued_runner_ids(conn: Connection) -> set[str | None]:
     return set(rows.scalars())
 
 
-def _row(
-    conn: Connection, job_id: str, *, lock: bool = False, kind: str = VAGRANT
-) -> Row[tuple[object, ...]]:
-    query = sa.select(jobs).where(jobs.c.id == job_id, jobs.c.kind == kind)
-    if lock:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
+def _row(conn: Connection, job_id: str, *, lock: bool = False, kind: str = VAGRANT) -> Any:
+    row = (_ROW_LOCKED if lock else _ROW).one(conn, id=job_id, kind=kind)
     if row is None:
         raise NotFound("job not found")
-    return row
+    return JobRow._make(row)
 
 
-def _message(row: Row[tuple[object, ...]]) -> vs.Job:
+JobRow = namedtuple("JobRow", [c.name for c in jobs.c])  # type: ignore[misc]
+_by_id = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"), jobs.c.kind == sa.bindparam("kind"))
+_ROW = Prepared(_by_id)
+_ROW_LOCKED = Prepared(_by_id.with_for_update())
+
+
+def _message(row: Any) -> vs.Job:
     job = vs.Job.FromString(row.data)
     job.state = row.state
     if row.assigned_runner:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from waystation import validate
 from waystation.errors import FailedPrecondition, NotFound
 from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.store.prepared import Prepared
 from waystation.store.schema import config_vars, runners
 
 ANY_RUNNER = "*"
@@ -56,10 +57,13 @@ def runner_offline(conn: Connection, runner_id: str, now: int) -> None:
 
 
 def runner_get(conn: Connection, runner_id: str) -> vs.Runner:
-    data = conn.execute(sa.select(runners.c.data).where(runners.c.id == runner_id.lower())).scalar()
-    if data is None:
+    row = _GET.one(conn, id=runner_id.lower())  # every RunnerJobStream starts here
+    if row is None:
         raise NotFound("runner ID not found")
-    return vs.Runner.FromString(data)
+    return vs.Runner.FromString(row[0])
+
+
+_GET = Prepared(sa.select(runners.c.data).where(runners.c.id == sa.bindparam("id")))
 
 
 def runners_list(conn: Connection, now: int) -> list[tuple[vs.Runner, bool, int]]:
