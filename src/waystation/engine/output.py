@@ -23,6 +23,9 @@ Terminal = vs.GetJobStreamResponse.Terminal
 # How many batches one flush persists at most, and how long a batch may wait.
 FLUSH_BATCHES = 256
 FLUSH_SECONDS = 0.05
+# A watcher behind by several batches gets them in one message, up to this size
+# (clients refuse messages over 4 MiB by default).
+MERGE_BYTES = 1 << 20
 
 
 class OutputLog:
@@ -30,6 +33,10 @@ class OutputLog:
         self.job_id = job_id
         self.first_seq = first_seq  # seq of batches[0]
         self.batches: list[Terminal] = []
+        # Each batch serialized once, however many watchers send it or the
+        # writer stores it: the Terminal message with buffered unset, which
+        # is exactly its `events` records.
+        self._encoded: list[bytes] = []
         self.refs = 0
         self.local_writer = False
 
@@ -40,6 +47,32 @@ class OutputLog:
     def append(self, batch: Terminal) -> int:
         self.batches.append(batch)
         return self.next_seq - 1
+
+    def encoded(self, seq: int) -> bytes:
+        index = seq - self.first_seq
+        while len(self._encoded) <= index:
+            self._encoded.append(self.batches[len(self._encoded)].SerializeToString())
+        return self._encoded[index]
+
+    def terminal_response(self, seq: int, buffered: bool) -> tuple[bytes, int]:
+        """A GetJobStreamResponse{terminal} carrying the batches from `seq` on
+        (as many as fit MERGE_BYTES, at least one), already serialized; and the
+        seq after the last one carried. Repeated fields concatenate on the
+        wire, so merging batches is joining their encodings."""
+        parts = [self.encoded(seq)]
+        size = len(parts[0])
+        seq += 1
+        while seq < self.next_seq:
+            part = self.encoded(seq)
+            if size + len(part) > MERGE_BYTES:
+                break
+            parts.append(part)
+            size += len(part)
+            seq += 1
+        if buffered:
+            parts.append(_BUFFERED)
+            size += len(_BUFFERED)
+        return b"".join((_TERMINAL_TAG, _varint(size), *parts)), seq
 
     async def refresh(self, db: Database) -> None:
         """Pull batches persisted by someone else (another replica, or a past run)."""
@@ -81,7 +114,7 @@ class OutputWriter:
         pending = self.output.batches[start : start + FLUSH_BATCHES]
         if not pending:
             return
-        data = [b.SerializeToString() for b in pending]
+        data = [self.output.encoded(self.persisted + i) for i in range(len(pending))]
         await self.db.write(job_tx.output_append, self.output.job_id, self.persisted, data)
         self.persisted += len(data)
 
@@ -92,3 +125,18 @@ class OutputWriter:
             await asyncio.shield(task)
         while self.persisted < self.output.next_seq:
             await self._flush_once()
+
+
+# Wire format of GetJobStreamResponse.terminal (field 3) and Terminal.buffered
+# (field 2), pinned by tests against the generated classes.
+_TERMINAL_TAG = bytes([3 << 3 | 2])
+_BUFFERED = bytes([2 << 3 | 0, 1])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

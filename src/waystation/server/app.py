@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -66,7 +67,7 @@ async def start(settings: ServerSettings) -> RunningServer:
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
     vs_grpc.add_VagrantServicer_to_server(
         cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator, settings.auth)),
-        server,
+        cast(aio.Server, AllowEncoded(server)),
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
         cast(
@@ -124,3 +125,43 @@ async def serve(settings: ServerSettings) -> None:
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
     await running.stop(settings.shutdown_grace)
     log.info("stopped")
+
+
+class AllowEncoded:
+    """Registers a service on `server` so that its handlers may also answer with
+    a message already serialized (bytes): a job's output, sent to many watchers,
+    is encoded once (engine.output) instead of once per watcher."""
+
+    def __init__(self, server: aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(
+        self, handlers: Iterable[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_GenericAllowEncoded(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        allowed = {method: _allow_encoded(h) for method, h in handlers.items()}
+        self.server.add_registered_method_handlers(service, allowed)  # type: ignore[attr-defined]
+
+
+class _GenericAllowEncoded(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any]) -> None:
+        self.inner = inner
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.inner.service(details)
+        return _allow_encoded(handler) if handler is not None else None
+
+
+def _allow_encoded(handler: Any) -> Any:
+    serialize = handler.response_serializer
+    if serialize is None:
+        return handler
+
+    def serializer(message: Any, serialize: Callable[[Any], bytes] = serialize) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return handler._replace(response_serializer=serializer)

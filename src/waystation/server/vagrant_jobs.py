@@ -73,7 +73,7 @@ class JobRPCs:
     @stream_rpc
     async def GetJobStream(
         self, request: vs.GetJobStreamRequest, context: Ctx
-    ) -> AsyncIterator[StreamResponse]:
+    ) -> AsyncIterator[StreamResponse | bytes]:
         """Open; State on every change; output (buffered, then live); Complete last."""
         if not request.job_id:
             raise FailedPrecondition("job_id is required")
@@ -109,11 +109,9 @@ class JobRPCs:
                         await output.refresh(self.engine.db)  # rows another server wrote
                     # Batches may arrive while we yield: count each one sent.
                     while sent < output.next_seq:
-                        batch = output.batches[sent - output.first_seq]
-                        sent += 1
-                        yield StreamResponse(
-                            terminal=StreamResponse.Terminal(events=batch.events, buffered=buffered)
-                        )
+                        # Encoded once for every watcher (see server.app.allow_encoded).
+                        encoded, sent = output.terminal_response(sent, buffered)
+                        yield encoded
                     buffered = False  # what was there on joining is the backlog
                     if final:
                         # Set only what the job has: clients read a present error as failure.
