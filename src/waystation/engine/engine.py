@@ -6,7 +6,8 @@ waystation.store.jobs); this module decides *when* to ask it:
 - Assignment: a runner waiting for work parks a Waiter. Queueing a job wakes
   one fitting waiter, which runs the assign transaction; a waiter that got a
   job wakes the next one, so a burst of jobs spreads over idle runners. Every
-  poll interval waiters look again anyway (work queued by another replica).
+  poll interval one query finds work queued by other replicas (or freed by
+  them) and wakes fitting waiters; waiters never poll on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
   (store.provisioning) share the jobs table, states, cancel and timers.
 - Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
@@ -202,7 +203,9 @@ class JobEngine:
                     self.feed.publish(job_topic(job.id))
                     self._wake_for(None)  # there may be more: pass it on
                     return job
-                await wait(waiter.wake, self.timeouts.poll)
+                # No poll of its own: the housekeeping poll looks for work queued
+                # elsewhere once for all waiters, so 10,000 idle runners cost nothing.
+                await waiter.wake.wait()
         finally:
             self._waiters.remove(waiter)
 
@@ -297,9 +300,9 @@ class JobEngine:
                     self.feed.publish(job_topic(job.job_id))
                     self._wake_daemon(None, {})  # there may be more: pass it on
                     return job
-                delay = self.timeouts.poll
+                delay = None  # woken as runners are (see next_job)
                 if give_up is not None:
-                    delay = min(delay, give_up - loop.time())
+                    delay = give_up - loop.time()
                     if delay <= 0:
                         return None
                 await _wait_any(delay, waiter.wake, stop)
@@ -522,8 +525,8 @@ class OutputAppender:
         await self.writer.flush()
 
 
-async def _wait_any(seconds: float, *events: asyncio.Event) -> None:
-    """Wait until any of `events` is set, at most `seconds`."""
+async def _wait_any(seconds: float | None, *events: asyncio.Event) -> None:
+    """Wait until any of `events` is set, at most `seconds` (None: no limit)."""
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
