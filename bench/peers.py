@@ -1,26 +1,42 @@
 """The same noop workload through Celery 5 (Redis broker) and procrastinate (PostgreSQL).
 
-Same job count and worker count as `jobs` with 10 runner streams. The scenario
-installs what it needs (pip: celery, redis, procrastinate; Debian: redis-server
-and PostgreSQL) and starts throwaway servers on loopback.
+Same job count and worker count as `jobs` with 10 runner streams: N noop jobs
+queued one call each, timed from the first queue call until the last job has
+completed. The worker is a process of its own (Celery: prefork pool of 10;
+procrastinate: concurrency 10), started and warmed up before the clock
+starts; the producer is another process. Durability follows the bench's
+fsync option: with fsync on (the default) Redis appends every write with
+`appendfsync always` and PostgreSQL runs with fsync and synchronous commit.
+
+The scenario installs what it needs (pip, into this interpreter: celery[redis],
+procrastinate; Debian: redis-server, and PostgreSQL if missing, through
+scripts/pg-throwaway) and starts throwaway servers on loopback.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psycopg
+from psycopg import sql
 
 from bench.common import Options, Results
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKERS = 10
+PG_THROWAWAY = ROOT / "scripts" / "pg-throwaway"
+WORKERS = 10  # as `jobs` with 10 runner streams
+INFLIGHT = 64  # queue calls in flight, as the `jobs` queuer
+TIMEOUT = 600  # seconds for one measured run
 
 
 def _pip(*packages: str) -> None:
@@ -53,25 +69,79 @@ def _wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+@contextmanager
+def _process(cmd: list[str], log: Path, cwd: str, env: dict[str, str]) -> Iterator[None]:
+    """A server or worker in its own process group, stopped (SIGTERM, then SIGKILL) on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited early ({proc.returncode}):\n{_tail(log)}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _produce(script: Path, count: int, cwd: str, env: dict[str, str], logs: list[Path]) -> float:
+    """Run the producer; it prints the measured rate (jobs/s) as its last line."""
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), str(count)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=TIMEOUT + 120,
+        )
+    except subprocess.CalledProcessError as exc:
+        tails = "\n".join(f"--- {log.name}\n{_tail(log)}" for log in logs)
+        raise RuntimeError(f"{script.name} failed:\n{exc.stderr}\n{tails}") from None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# -- Celery + Redis ----------------------------------------------------------------
+
 CELERY_APP = """
 from celery import Celery
-app = Celery("bench", broker="redis://127.0.0.1:{port}/0", backend="redis://127.0.0.1:{port}/1")
-app.conf.worker_prefetch_multiplier = 4
-@app.task
+
+redis = "redis://127.0.0.1:{port}"
+app = Celery("bench_celery", broker=redis + "/0", backend=redis + "/1")
+app.conf.worker_prefetch_multiplier = 4  # Celery's default, spelled out
+app.conf.broker_connection_retry_on_startup = True
+
+
+@app.task(name="noop")
 def noop():
     return None
 """
 
 CELERY_PRODUCER = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
+import sys
+import time
+
+from celery.result import ResultSet
+
 from bench_celery import noop
-n = int(sys.argv[2])
+
+count = int(sys.argv[1])
+ResultSet([noop.delay() for _ in range({workers})]).join_native(timeout=120)  # warm-up
 start = time.perf_counter()
-results = [noop.delay() for _ in range(n)]
-for r in results:
-    r.get(timeout=600)
-print(n / (time.perf_counter() - start))
+results = ResultSet([noop.delay() for _ in range(count)])
+results.join_native(timeout={timeout})  # every task's result is in the backend
+print(count / (time.perf_counter() - start))
 """
 
 
@@ -79,152 +149,156 @@ def celery(options: Options, results: Results, count: int) -> None:
     _pip("celery[redis]>=5,<6")
     _apt("redis-server", "redis-server")
     port = _free_port()
+    persist = ["--appendonly", "yes", "--appendfsync", "always"] if options.fsync else []
     with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
-        redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
+        env = {**os.environ, "PYTHONPATH": tmp}
+        Path(tmp, "bench_celery.py").write_text(CELERY_APP.format(port=port))
+        producer = Path(tmp, "produce.py")
+        producer.write_text(CELERY_PRODUCER.format(workers=WORKERS, timeout=TIMEOUT))
+        redis_log, worker_log = Path(tmp, "redis.log"), Path(tmp, "worker.log")
+        redis = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp]
+        redis += ["--save", "", *(persist or ["--appendonly", "no"])]
+        worker = [sys.executable, "-m", "celery", "-A", "bench_celery", "worker"]
+        worker += ["--pool", "prefork", "--concurrency", str(WORKERS), "--loglevel", "warning"]
+        worker += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with _process(redis, redis_log, tmp, env):
             _wait_port(port)
-            Path(tmp, "bench_celery.py").write_text(CELERY_APP.format(port=port))
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "bench_celery",
-                    "worker",
-                    "--concurrency",
-                    str(WORKERS),
-                    "--loglevel",
-                    "warning",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                ],
-                cwd=tmp,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                time.sleep(5)  # the prefork pool starts its processes
-                out = subprocess.run(
-                    [sys.executable, "-c", CELERY_PRODUCER, tmp, str(count)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    cwd=tmp,
-                )
-                rate = float(out.stdout.strip().splitlines()[-1])
-            finally:
-                worker.terminate()
-                worker.wait(30)
-        finally:
-            redis.terminate()
-            redis.wait(10)
+            with _process(worker, worker_log, tmp, env):
+                rate = _produce(producer, count, tmp, env, [worker_log, redis_log])
+    persistence = "AOF fsync always" if options.fsync else "no persistence"
     results.add(
         "peers",
         "Celery 5 + Redis, noop tasks/s",
         rate,
         "jobs/s",
-        f"{count} tasks, prefork {WORKERS}, results in Redis",
+        f"{count} tasks, prefork {WORKERS}, results in Redis, {persistence}",
     )
 
 
+# -- procrastinate + PostgreSQL ------------------------------------------------------
+
 PROCRASTINATE_APP = """
 import procrastinate
-app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo="{url}"))
+
+# A pool with a connection per concurrent job, plus the worker's LISTEN and a spare.
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(
+        conninfo="{url}", min_size={pool}, max_size={pool}
+    )
+)
+
+
 @app.task(name="noop")
 async def noop():
     return None
 """
 
-PROCRASTINATE_RUN = """
-import asyncio, sys, time
-sys.path.insert(0, sys.argv[1])
+PROCRASTINATE_PRODUCER = """
+import asyncio
+import sys
+import time
+
 from bench_procrastinate import app, noop
-n = int(sys.argv[2]); workers = int(sys.argv[3])
-async def main():
+
+DONE = "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, "
+DONE += "count(*) FILTER (WHERE status IN ('failed', 'aborted')) AS bad FROM procrastinate_jobs"
+
+
+async def until_done(count, timeout):
+    deadline = time.perf_counter() + timeout
+    while True:
+        row = await app.connector.execute_query_one_async(DONE)
+        if row["bad"]:
+            raise RuntimeError(f"{{row['bad']}} jobs failed")
+        if row["ok"] >= count:
+            return
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"only {{row['ok']}} of {{count}} jobs done")
+        await asyncio.sleep(0.005)
+
+
+async def main(count):
     async with app.open_async():
+        await asyncio.gather(*(noop.defer_async() for _ in range({workers})))  # warm-up
+        await until_done({workers}, 120)
         start = time.perf_counter()
-        await noop.batch_defer_async(*([{{}}] * n))
-        await app.run_worker_async(concurrency=workers, wait=False, install_signal_handlers=False)
-        print(n / (time.perf_counter() - start))
-asyncio.run(main())
+        left = count
+
+        async def queuer():
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await noop.defer_async()
+
+        await asyncio.gather(*(queuer() for _ in range({inflight})))
+        await until_done({workers} + count, {timeout})
+        print(count / (time.perf_counter() - start))
+
+
+asyncio.run(main(int(sys.argv[1])))
 """
+
+
+@contextmanager
+def _postgres(options: Options) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (scripts/pg-throwaway); its URL."""
+    with tempfile.TemporaryDirectory(prefix="bench-pg-", dir="/tmp") as tmp:
+        os.chmod(tmp, 0o755)  # run as root, the cluster runs as `postgres`: let it in
+        pgdir = tmp + "/pg"
+        started = subprocess.run(
+            ["bash", str(PG_THROWAWAY), "start", pgdir], capture_output=True, text=True
+        )
+        if started.returncode:
+            raise RuntimeError(f"pg-throwaway start failed:\n{started.stderr}")
+        url = started.stdout.strip()
+        try:
+            # pg-throwaway runs without fsync (a test cluster); follow the bench's option.
+            setting = "on" if options.fsync else "off"
+            with psycopg.connect(url, autocommit=True) as conn:
+                for name in ("fsync", "synchronous_commit", "full_page_writes"):
+                    query = sql.SQL("ALTER SYSTEM SET {} = {}")
+                    conn.execute(query.format(sql.Identifier(name), sql.Literal(setting)))
+                conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)  # the postmaster reloads asynchronously
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SHOW fsync").fetchone()
+                if row is None or row[0] != setting:
+                    raise RuntimeError(f"PostgreSQL fsync is {row}, not {setting}")
+            yield url
+        finally:
+            subprocess.run(
+                ["bash", str(PG_THROWAWAY), "stop", pgdir], check=False, capture_output=True
+            )
 
 
 def procrastinate(options: Options, results: Results, count: int) -> None:
     _pip("procrastinate>=3,<4")
-    with tempfile.TemporaryDirectory(prefix="bench-pg-", dir="/tmp") as pgdir:
-        url = options.db
-        started = not url
-        if started:
-            url = subprocess.run(
-                ["bash", str(ROOT / "scripts" / "pg-throwaway"), "start", pgdir + "/pg"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        try:
-            with tempfile.TemporaryDirectory(prefix="bench-proc-") as tmp:
-                Path(tmp, "bench_procrastinate.py").write_text(PROCRASTINATE_APP.format(url=url))
-                env = {**os.environ, "PYTHONPATH": tmp}
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "procrastinate",
-                        "--app",
-                        "bench_procrastinate.app",
-                        "schema",
-                        "--apply",
-                    ],
-                    check=True,
-                    cwd=tmp,
-                    env=env,
-                    capture_output=True,
-                )
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-c",
-                        textwrap.dedent(PROCRASTINATE_RUN),
-                        tmp,
-                        str(count),
-                        str(WORKERS),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    cwd=tmp,
-                    env=env,
-                )
-                rate = float(out.stdout.strip().splitlines()[-1])
-        finally:
-            if started:
-                subprocess.run(
-                    ["bash", str(ROOT / "scripts" / "pg-throwaway"), "stop", pgdir + "/pg"],
-                    check=False,
-                    capture_output=True,
-                )
+    with _postgres(options) as url, tempfile.TemporaryDirectory(prefix="bench-proc-") as tmp:
+        env = {**os.environ, "PYTHONPATH": tmp}
+        Path(tmp, "bench_procrastinate.py").write_text(
+            PROCRASTINATE_APP.format(url=url, pool=WORKERS + 2)
+        )
+        producer = Path(tmp, "produce.py")
+        producer.write_text(
+            PROCRASTINATE_PRODUCER.format(workers=WORKERS, inflight=INFLIGHT, timeout=TIMEOUT)
+        )
+        cli = [sys.executable, "-m", "procrastinate", "--app", "bench_procrastinate.app"]
+        applied = subprocess.run(
+            [*cli, "schema", "--apply"], cwd=tmp, env=env, capture_output=True, text=True
+        )
+        if applied.returncode:
+            raise RuntimeError(f"procrastinate schema --apply failed:\n{applied.stderr}")
+        worker_log = Path(tmp, "worker.log")
+        worker = [*cli, "worker", "--concurrency", str(WORKERS)]
+        with _process(worker, worker_log, tmp, env):
+            rate = _produce(producer, count, tmp, env, [worker_log])
+    durability = "fsync on" if options.fsync else "fsync off"
     results.add(
         "peers",
         "procrastinate + PostgreSQL, noop jobs/s",
         rate,
         "jobs/s",
-        f"{count} jobs, concurrency {WORKERS}",
+        f"{count} jobs, concurrency {WORKERS}, PostgreSQL 15 {durability}",
     )
 
 

@@ -103,18 +103,27 @@ class RunnerRPCs:
             if kind in (None, "error"):
                 return
             raise FailedPrecondition(f"ack expected, got: {kind}")
-        await self.engine.ack(job, runner_id)
+        # Following the job from before the ack, the acked state is the watcher's
+        # first look: no change between the two can go unseen.
+        feed, topic = self.engine.feed, job_topic(job.id)
+        with feed.subscribe(topic) as changed:
+            before = feed.version(topic)
+            acked = await self.engine.ack(job, runner_id)
+            if feed.version(topic) == before + 1:
+                changed.clear()  # that was the ack's own publish
 
-        # Steps 4 and 5.
-        async with self.engine.output_writer(job.id) as output:
-            ending = asyncio.Event()  # set once the runner itself ends the job
-            watcher = asyncio.ensure_future(self._watch_cancel(job.id, context, ending))
-            try:
-                await self._run(job.id, runner_id, requests, output, watcher, ending)
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            # Steps 4 and 5.
+            async with self.engine.output_writer(job.id) as output:
+                ending = asyncio.Event()  # set once the runner itself ends the job
+                watcher = asyncio.ensure_future(
+                    self._watch_cancel(acked, changed, context, ending)
+                )
+                try:
+                    await self._run(job.id, runner_id, requests, output, watcher, ending)
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
 
     async def _run(
         self,
@@ -160,22 +169,22 @@ class RunnerRPCs:
             else:
                 raise FailedPrecondition(f"unexpected event while running: {kind}")
 
-    async def _watch_cancel(self, job_id: str, context: Ctx, ending: asyncio.Event) -> None:
-        """Send Cancel when the job is cancelled; return once it was forced to end."""
+    async def _watch_cancel(
+        self, job: vs.Job, changed: asyncio.Event, context: Ctx, ending: asyncio.Event
+    ) -> None:
+        """Send Cancel when the job is cancelled; return once it was forced to end.
+        `job` is its state when `changed` (its feed) was last cleared."""
         signalled = False
-        with self.engine.feed.subscribe(job_topic(job_id)) as changed:
-            while not ending.is_set():
-                changed.clear()
-                job = await self.engine.get(job_id)
-                if ending.is_set():
-                    return
-                if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
-                    await context.write(Response(cancel=Response.JobCancel(force=True)))
-                    return
-                if job.state == RUNNING and job.HasField("cancel_time") and not signalled:
-                    await context.write(Response(cancel=Response.JobCancel(force=False)))
-                    signalled = True
-                await wait(changed, self.engine.timeouts.poll)
+        while not ending.is_set():
+            if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
+                await context.write(Response(cancel=Response.JobCancel(force=True)))
+                return
+            if job.state == RUNNING and job.HasField("cancel_time") and not signalled:
+                await context.write(Response(cancel=Response.JobCancel(force=False)))
+                signalled = True
+            await wait(changed, self.engine.timeouts.poll)
+            changed.clear()
+            job = await self.engine.get(job.id)
 
 
 async def _first(requests: AsyncIterator[Any]) -> Any:
