@@ -12,6 +12,7 @@ import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpc import aio
 
@@ -19,6 +20,8 @@ from waystation import testing as t
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.server.app import RunningServer
+from waystation.store import jobs as job_tx
 
 Job = vs.Job
 Req = vs.RunnerJobStreamRequest
@@ -276,3 +279,47 @@ async def test_a_running_command_blocks_commands_but_not_noops_on_its_target(
         assert await state_counts(vagrant) == {"SUCCESS": 3}
     finally:
         await close_runners([first_runner, *idle_runners])
+
+
+# -- idle runners --------------------------------------------------------------------
+
+
+async def test_idle_runners_cost_no_database_work_until_a_job_comes(
+    server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
+) -> None:
+    """Waiting runners do not poll one by one (10,000 of them would be 5,000
+    transactions a second): they look when woken, and the server's one poll per
+    interval wakes them for work queued elsewhere."""
+    runners = await start_runners(channel, 20, "idle")
+    streams = [r.job_stream() for r in runners]
+    assigns: list[str] = []
+    write = server.engine.db.write
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is job_tx.job_assign:
+            assigns.append(args[0])
+        return await write(fn, *args, **kwargs)
+
+    try:
+        for stream in streams:
+            await stream.request()
+        deadline = time.monotonic() + 60
+        while len(server.engine._waiters) < len(streams):  # each parked after one look
+            assert time.monotonic() < deadline, "runners never parked"
+            await asyncio.sleep(0.05)
+        server.engine.db.write = counting  # type: ignore[method-assign]
+        await asyncio.sleep(server.engine.timeouts.poll * 6)
+        assert assigns == []
+        job_id = await queue(vagrant, t.noop_job())
+        waiting = [asyncio.ensure_future(s.assignment(timeout=60)) for s in streams]
+        done, pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        assert [task.result().id for task in done] == [job_id]
+        # One waiter woken; the one that got the job wakes one more in case there is more.
+        assert 1 <= len(assigns) <= 2, assigns
+    finally:
+        server.engine.db.write = write  # type: ignore[method-assign]
+        for stream in streams:
+            stream.call.cancel()
+        await close_runners(runners)
