@@ -62,6 +62,10 @@ async def start(settings: ServerSettings) -> RunningServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # New calls waiting for the servicer: gRPC cancels any beyond 1,000 by
+            # default, which a few thousand runners reconnecting at once exceed.
+            ("grpc.server.max_pending_requests", 20_000),
+            ("grpc.server.max_pending_requests_hard_limit", 40_000),
         ],
     )
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
