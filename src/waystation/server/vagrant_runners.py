@@ -115,9 +115,7 @@ class RunnerRPCs:
             # Steps 4 and 5.
             async with self.engine.output_writer(job.id) as output:
                 ending = asyncio.Event()  # set once the runner itself ends the job
-                watcher = asyncio.ensure_future(
-                    self._watch_cancel(acked, changed, context, ending)
-                )
+                watcher = asyncio.ensure_future(self._watch_cancel(acked, changed, context, ending))
                 try:
                     await self._run(job.id, runner_id, requests, output, watcher, ending)
                 finally:

@@ -346,7 +346,7 @@ def job_complete(
     if row is not None:
         return _message(JobRow._make(row))
     # Not done: say why.
-    current = _row(conn, job_id)
+    current = job_row(conn, job_id)
     if current.assigned_runner != runner_id.lower():
         raise FailedPrecondition("job is not assigned to this runner")
     raise FailedPrecondition(
@@ -402,7 +402,7 @@ class CancelOutcome(Enum):
 
 
 def job_cancel(conn: Connection, job_id: str, now: int, kind: str = "vagrant") -> CancelOutcome:
-    row = _row(conn, job_id, lock=True, kind=kind)
+    row = job_row(conn, job_id, lock=True, kind=kind)
     if row.state in FINAL:
         outcome = CancelOutcome.NOTHING
     elif row.state == QUEUED:
@@ -484,7 +484,7 @@ def jobs_next_deadline(conn: Connection) -> int | None:
 
 
 def job_get(conn: Connection, job_id: str) -> vs.Job:
-    return _message(_row(conn, job_id))
+    return _message(job_row(conn, job_id))
 
 
 def job_list(conn: Connection) -> list[vs.Job]:
@@ -494,7 +494,7 @@ def job_list(conn: Connection) -> list[vs.Job]:
 
 def job_queue_position(conn: Connection, job_id: str) -> tuple[int, str]:
     """(1-based position among QUEUED jobs for the same runners, blocking job id)."""
-    row = _row(conn, job_id)
+    row = job_row(conn, job_id)
     if row.state != QUEUED:
         return 0, ""
     competing = sa.or_(jobs.c.runner_id.is_(None), jobs.c.runner_id == row.runner_id)
@@ -527,7 +527,8 @@ def jobs_queued_runner_ids(conn: Connection) -> set[str | None]:
     return set(rows.scalars())
 
 
-def _row(conn: Connection, job_id: str, *, lock: bool = False, kind: str = VAGRANT) -> Any:
+def job_row(conn: Connection, job_id: str, *, lock: bool = False, kind: str = VAGRANT) -> Any:
+    """The job's row (attributes named as the columns); NOT_FOUND if none."""
     row = (_ROW_LOCKED if lock else _ROW).one(conn, id=job_id, kind=kind)
     if row is None:
         raise NotFound("job not found")
@@ -567,10 +568,16 @@ def _message(row: Any) -> vs.Job:
 
 
 def output_append(conn: Connection, job_id: str, first_seq: int, batches: list[bytes]) -> None:
-    conn.execute(
-        sa.insert(job_output),
-        [{"job_id": job_id, "seq": first_seq + i, "data": b} for i, b in enumerate(batches)],
+    _OUTPUT_APPEND.run_many(
+        conn, [{"job_id": job_id, "seq": first_seq + i, "data": b} for i, b in enumerate(batches)]
     )
+
+
+_OUTPUT_APPEND = Prepared(
+    sa.insert(job_output).values(
+        job_id=sa.bindparam("job_id"), seq=sa.bindparam("seq"), data=sa.bindparam("data")
+    )
+)
 
 
 def output_read(
@@ -586,10 +593,13 @@ def output_read(
 
 
 def output_next_seq(conn: Connection, job_id: str) -> int:
-    last = conn.execute(
-        sa.select(sa.func.max(job_output.c.seq)).where(job_output.c.job_id == job_id)
-    ).scalar()
-    return 0 if last is None else last + 1
+    row = _OUTPUT_LAST.one(conn, job_id=job_id)
+    return 0 if row is None or row[0] is None else int(row[0]) + 1
+
+
+_OUTPUT_LAST = Prepared(
+    sa.select(sa.func.max(job_output.c.seq)).where(job_output.c.job_id == sa.bindparam("job_id"))
+)
 
 
 # -- prune -----------------------------------------------------------------------

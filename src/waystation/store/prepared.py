@@ -53,15 +53,24 @@ class Prepared:
     def run(self, conn: Connection, **params: Any) -> Any:
         """Execute; the DBAPI cursor, for fetchone/fetchall/rowcount."""
         compiled = self._compile(conn)
-        values = {**compiled.defaults, **params} if compiled.defaults else params
-        args: Any = values if compiled.order is None else [values[k] for k in compiled.order]
-        fairy = conn.connection
-        cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+        args = _arguments(compiled, params)
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             cursor.execute(compiled.sql, args)
         except conn.dialect.loaded_dbapi.Error as exc:
             raise _wrap(conn, compiled.sql, args, exc) from exc
         return cursor
+
+    def run_many(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Execute once per row of parameters (the driver's executemany)."""
+        compiled = self._compile(conn)
+        args = [_arguments(compiled, row) for row in rows]
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(compiled.sql, args)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise _wrap(conn, compiled.sql, args, exc) from exc
+        cursor.close()
 
     def one(self, conn: Connection, **params: Any) -> tuple[Any, ...] | None:
         cursor = self.run(conn, **params)
@@ -81,6 +90,11 @@ class Prepared:
         changed = int(cursor.rowcount)
         cursor.close()
         return changed
+
+
+def _arguments(compiled: _Compiled, params: dict[str, Any]) -> Any:
+    values = {**compiled.defaults, **params} if compiled.defaults else params
+    return values if compiled.order is None else [values[k] for k in compiled.order]
 
 
 def _wrap(conn: Connection, sql: str, args: Any, exc: Any) -> sa.exc.StatementError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from google.rpc import code_pb2, status_pb2
@@ -34,6 +35,7 @@ from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import jobs as job_tx
+from waystation.store.prepared import Prepared
 from waystation.store.schema import (
     jobs,
     provisioner_daemons,
@@ -724,15 +726,32 @@ def commit_quota(
 
 def daemon_seen(conn: Connection, daemon: Daemon, now: int, lease: int) -> None:
     values = {
+        "id": daemon.id,
         "provisioners": json.dumps(sorted(daemon.provisioners)),
         "tags": tags_json(daemon.tags),
-        "last_seen": now,
-        "online_until": now + lease,
+        "now": now,
+        "until": now + lease,
     }
-    if not conn.execute(
-        sa.update(provisioner_daemons).where(provisioner_daemons.c.id == daemon.id).values(values)
-    ).rowcount:
-        conn.execute(sa.insert(provisioner_daemons).values(id=daemon.id, first_seen=now, **values))
+    if not _DAEMON_SEEN.count(conn, **values):
+        _DAEMON_NEW.run(conn, **values)
+
+
+_daemon_values: dict[str, Any] = {
+    "provisioners": sa.bindparam("provisioners"),
+    "tags": sa.bindparam("tags"),
+    "last_seen": sa.bindparam("now"),
+    "online_until": sa.bindparam("until"),
+}
+_DAEMON_SEEN = Prepared(
+    sa.update(provisioner_daemons)
+    .where(provisioner_daemons.c.id == sa.bindparam("id"))
+    .values(_daemon_values)
+)
+_DAEMON_NEW = Prepared(
+    sa.insert(provisioner_daemons).values(
+        id=sa.bindparam("id"), first_seen=sa.bindparam("now"), **_daemon_values
+    )
+)
 
 
 def daemons_renew(conn: Connection, daemon_ids: Iterable[str], now: int, lease: int) -> None:
@@ -753,14 +772,32 @@ def daemon_left(conn: Connection, daemon_id: str, now: int) -> None:
     )
 
 
-def _fitting(daemon: Daemon) -> sa.ColumnElement[bool]:
-    """Jobs of a provisioner type the daemon serves whose tags it all has."""
-    held = [_tag(k, v) for k, v in daemon.tags.items()]
-    missing_tag = sa.exists().where(
-        provisioner_job_tags.c.job_id == jobs.c.id,
-        provisioner_job_tags.c.tag.not_in(held) if held else sa.true(),
-    )
-    return sa.and_(provisioner_jobs.c.provisioner.in_(daemon.provisioners), ~missing_tag)
+def _candidates(daemon: Daemon) -> Prepared:
+    """The oldest pending jobs of a provisioner type the daemon serves whose tags
+    it all has; one statement per kind of daemon, kept."""
+    key = (tuple(sorted(daemon.provisioners)), tuple(sorted(daemon.tags.items())))
+    statement = _CANDIDATES.get(key)
+    if statement is None:
+        # Equalities rather than IN lists: prepared statements take no lists.
+        held = [provisioner_job_tags.c.tag == _tag(k, v) for k, v in key[1]]
+        missing_tag = sa.exists().where(
+            provisioner_job_tags.c.job_id == jobs.c.id, ~sa.or_(*held) if held else sa.true()
+        )
+        serves = sa.or_(*(provisioner_jobs.c.provisioner == p for p in key[0]))
+        statement = Prepared(
+            sa.select(jobs.c.id)
+            .select_from(jobs.join(provisioner_jobs))
+            .where(jobs.c.kind == KIND, jobs.c.state == QUEUED, serves, ~missing_tag)
+            .order_by(jobs.c.queue_time, jobs.c.id)
+            .limit(8)
+            .with_for_update(skip_locked=True, of=jobs)
+        )
+        if len(_CANDIDATES) < 1024:  # daemons come in few kinds; never grow unbounded
+            _CANDIDATES[key] = statement
+    return statement
+
+
+_CANDIDATES: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], Prepared] = {}
 
 
 def job_acquire(
@@ -773,27 +810,8 @@ def job_acquire(
     """
     daemon_seen(conn, daemon, now, lease)
     failed: list[str] = []
-    candidates = conn.execute(
-        sa.select(jobs.c.id)
-        .select_from(jobs.join(provisioner_jobs))
-        .where(jobs.c.kind == KIND, jobs.c.state == QUEUED, _fitting(daemon))
-        .order_by(jobs.c.queue_time, jobs.c.id)
-        .limit(8)
-        .with_for_update(skip_locked=True, of=jobs)
-    ).scalars()
-    for job_id in list(candidates):
-        taken = conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-            .values(
-                state=RUNNING,
-                assigned_runner=daemon.id,
-                assign_time=now,
-                ack_time=now,
-                heartbeat_deadline=now + hang,
-            )
-        ).rowcount
-        if not taken:
+    for (job_id,) in _candidates(daemon).all(conn):
+        if not _TAKE.count(conn, id=job_id, daemon=daemon.id, now=now, deadline=now + hang):
             continue
         job = _acquired(conn, job_id)
         size = job.ByteSize()
@@ -811,41 +829,55 @@ def job_acquire(
     return None, failed
 
 
+_TAKE = Prepared(
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
+    .values(
+        state=RUNNING,
+        assigned_runner=sa.bindparam("daemon"),
+        assign_time=sa.bindparam("now"),
+        ack_time=sa.bindparam("now"),
+        heartbeat_deadline=sa.bindparam("deadline"),
+    )
+)
+
+
 def _acquired(conn: Connection, job_id: str) -> pd.AcquiredJob:
-    row = conn.execute(
-        sa.select(
-            jobs.c.queue_time,
-            provisioner_jobs.c.provisioner,
-            provisioner_jobs.c.owner,
-            provisioner_jobs.c.input,
-            template_versions.c.archive,
-        )
-        .select_from(
-            jobs.join(provisioner_jobs).join(
-                template_versions,
-                template_versions.c.id == provisioner_jobs.c.template_version_id,
-            )
-        )
-        .where(jobs.c.id == job_id)
-    ).one()
-    job = pd.AcquiredJob.FromString(row.input)
+    row = _ACQUIRED.one(conn, id=job_id)
+    assert row is not None  # locked by the caller
+    queue_time, provisioner, owner, payload, archive = row
+    job = pd.AcquiredJob.FromString(payload)
     job.job_id = job_id
-    job.created_at = row.queue_time // 1000  # upstream: Unix milliseconds
-    job.provisioner = row.provisioner
-    job.user_name = row.owner
-    job.template_source_archive = row.archive
+    job.created_at = queue_time // 1000  # upstream: Unix milliseconds
+    job.provisioner = provisioner
+    job.user_name = owner
+    job.template_source_archive = archive
     return job
 
 
-def _owned(conn: Connection, job_id: str, daemon_id: str) -> Row[tuple[object, ...]]:
+_ACQUIRED = Prepared(
+    sa.select(
+        jobs.c.queue_time,
+        provisioner_jobs.c.provisioner,
+        provisioner_jobs.c.owner,
+        provisioner_jobs.c.input,
+        template_versions.c.archive,
+    )
+    .select_from(
+        jobs.join(provisioner_jobs).join(
+            template_versions,
+            template_versions.c.id == provisioner_jobs.c.template_version_id,
+        )
+    )
+    .where(jobs.c.id == sa.bindparam("id"))
+)
+
+
+def _owned(conn: Connection, job_id: str, daemon_id: str) -> Any:
     """The job, locked, if this daemon holds it and it has not ended; upstream's
     messages otherwise."""
     validate.required("job", "job_id", job_id)
-    row = conn.execute(
-        sa.select(jobs).where(jobs.c.id == job_id, jobs.c.kind == KIND).with_for_update()
-    ).first()
-    if row is None:
-        raise NotFound("job not found")
+    row = job_tx.job_row(conn, job_id, lock=True, kind=KIND)
     if row.assigned_runner is None:
         raise FailedPrecondition("job isn't running yet")
     if row.assigned_runner != daemon_id:
@@ -856,21 +888,27 @@ def _owned(conn: Connection, job_id: str, daemon_id: str) -> Row[tuple[object, .
 
 
 def _touch(conn: Connection, job_id: str, daemon_id: str, now: int, hang: int) -> None:
-    conn.execute(
-        sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state == RUNNING)
-        .values(heartbeat_deadline=now + hang)
-    )
-    conn.execute(
-        sa.update(provisioner_jobs)
-        .where(provisioner_jobs.c.job_id == job_id)
-        .values(updated_at=now)
-    )
-    conn.execute(
-        sa.update(provisioner_daemons)
-        .where(provisioner_daemons.c.id == daemon_id)
-        .values(last_seen=now, online_until=now + hang)  # online while its job lives
-    )
+    _TOUCH_JOB.run(conn, id=job_id, deadline=now + hang)
+    _TOUCH_PROVISIONER_JOB.run(conn, id=job_id, now=now)
+    # The daemon is online while its job lives.
+    _TOUCH_DAEMON.run(conn, id=daemon_id, now=now, until=now + hang)
+
+
+_TOUCH_JOB = Prepared(
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == RUNNING)
+    .values(heartbeat_deadline=sa.bindparam("deadline"))
+)
+_TOUCH_PROVISIONER_JOB = Prepared(
+    sa.update(provisioner_jobs)
+    .where(provisioner_jobs.c.job_id == sa.bindparam("id"))
+    .values(updated_at=sa.bindparam("now"))
+)
+_TOUCH_DAEMON = Prepared(
+    sa.update(provisioner_daemons)
+    .where(provisioner_daemons.c.id == sa.bindparam("id"))
+    .values(last_seen=sa.bindparam("now"), online_until=sa.bindparam("until"))
+)
 
 
 @dataclass
