@@ -16,6 +16,7 @@ that. Reconnects are counted and printed in the figure's note.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from typing import Any
@@ -32,7 +33,7 @@ from bench.common import (
     run_async_in_process,
     waystation_server,
 )
-from bench.jobs import Req, assign_latencies, queue_jobs
+from bench.jobs import assign_latencies, queue_jobs, run_jobs
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
@@ -61,22 +62,11 @@ class Counters:
             value.value += 1
 
 
-async def _serve(stub: Any, name: str, stop: Any, counters: Counters, parked: list[bool]) -> None:
-    """Job streams one after another: wait for a job, ack it, complete it."""
-    while not stop.is_set():
-        call = stub.RunnerJobStream()
-        await call.write(Req(request=Req.Request(runner_id=name)))
-        if not parked[0]:
-            parked[0] = True
-            Counters.bump(counters.parked)
-        response = await call.read()
-        if response is aio.EOF:  # type: ignore[attr-defined]
-            continue
-        await call.write(Req(ack=Req.Ack()))
-        await call.write(Req(complete=Req.Complete()))
-        await call.done_writing()
-        await call.read()  # EOF: the server closed the stream
-        Counters.bump(counters.done)
+def _park(parked: list[bool], counters: Counters) -> None:
+    """Count the runner as parked (waiting for work) on its first job stream."""
+    if not parked[0]:
+        parked[0] = True
+        Counters.bump(counters.parked)
 
 
 async def _register(stub: Any, name: str) -> Any:
@@ -108,7 +98,8 @@ async def _idle_runner(
         try:
             async with gate:
                 config = await _register(stub, name)
-            await _serve(stub, name, stop, counters, parked)
+            done = functools.partial(Counters.bump, counters.done)
+            await run_jobs(stub, name, done, stop, functools.partial(_park, parked, counters))
         except aio.AioRpcError as exc:
             if not _refused(exc):
                 print(f"idle runner {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)

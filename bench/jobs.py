@@ -42,11 +42,18 @@ async def register(stub: Any, runner_id: str) -> Any:
     return call
 
 
-async def run_jobs(stub: Any, runner_id: str, on_done: Callable[[], None], stop: Any) -> None:
+async def run_jobs(
+    stub: Any,
+    runner_id: str,
+    on_done: Callable[[], None],
+    stop: Any,
+    on_waiting: Callable[[], None] = lambda: None,
+) -> None:
     """One runner stream after another: take a job, ack it, complete it."""
     while not stop.is_set():
         call = stub.RunnerJobStream()
         await call.write(Req(request=Req.Request(runner_id=runner_id)))
+        on_waiting()
         response = await call.read()
         if response is aio.EOF:  # type: ignore[attr-defined]
             continue
