@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,8 @@ from waystation import testing as t
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.server.app import RunningServer
+from waystation.store import jobs as job_tx
 
 FP = StatusCode.FAILED_PRECONDITION
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
@@ -444,6 +447,53 @@ async def test_watch_reports_the_cancel_flag(
         states = [e.state for e in await watcher if e.WhichOneof("event") == "state"]
         assert any(s.canceling and s.current == Job.RUNNING for s in states)
     finally:
+        await fake.close()
+
+
+async def test_a_watcher_that_looks_only_after_the_end_still_sees_the_canceling_state(
+    server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
+) -> None:
+    """Cancel and the runner's error can both commit before a watcher reads the job
+    again; it still reports the canceling state the job went through, then the end."""
+    fake = await runner(channel, "r")
+    engine = server.engine
+    real_get = engine.get
+    blocked, release = False, asyncio.Event()
+
+    async def get(job_id: str) -> vs.Job:
+        if blocked:
+            await release.wait()
+        return await real_get(job_id)
+
+    engine.get = get  # type: ignore[method-assign]
+    try:
+        job_id = await queue(vagrant, t.noop_job())
+        stream = fake.job_stream()
+        await stream.take()
+        call: Any = vagrant.GetJobStream(vs.GetJobStreamRequest(job_id=job_id), timeout=60)
+        while (event := await call.read()).WhichOneof("event") != "state" or (
+            event.state.current != Job.RUNNING
+        ):
+            pass
+        blocked = True
+        await vagrant.CancelJob(vs.CancelJobRequest(job_id=job_id))
+        await stream.fail("gave up", code=1)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await engine.db.read(job_tx.job_get, job_id)).state != Job.ERROR:
+            assert asyncio.get_running_loop().time() < deadline, "the job never ended"
+            await asyncio.sleep(0.02)
+        release.set()
+        states = []
+        async for event in call:
+            if event.WhichOneof("event") == "state":
+                states.append((event.state.previous, event.state.current, event.state.canceling))
+        assert states == [
+            (Job.RUNNING, Job.RUNNING, True),
+            (Job.RUNNING, Job.ERROR, True),
+        ]
+    finally:
+        engine.get = real_get  # type: ignore[method-assign]
+        release.set()
         await fake.close()
 
 

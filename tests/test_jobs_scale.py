@@ -296,8 +296,8 @@ async def test_idle_runners_cost_no_database_work_until_a_job_comes(
     write = server.engine.db.write
 
     async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if fn is job_tx.job_assign:
-            assigns.append(args[0])
+        if fn in (job_tx.job_assign, job_tx.job_queue_and_hand):
+            assigns.append(fn.__name__)
         return await write(fn, *args, **kwargs)
 
     try:
@@ -316,10 +316,50 @@ async def test_idle_runners_cost_no_database_work_until_a_job_comes(
         for task in pending:
             task.cancel()
         assert [task.result().id for task in done] == [job_id]
-        # One waiter woken; the one that got the job wakes one more in case there is more.
-        assert 1 <= len(assigns) <= 2, assigns
+        # Handed to a waiting runner in the queue's own transaction; nobody else looked.
+        assert assigns == ["job_queue_and_hand"], assigns
     finally:
         server.engine.db.write = write  # type: ignore[method-assign]
         for stream in streams:
             stream.call.cancel()
         await close_runners(runners)
+
+
+async def test_a_job_handed_to_a_runner_that_just_left_goes_back_to_the_queue(
+    server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
+) -> None:
+    """Queueing assigns to a waiting runner in the same transaction; if that runner's
+    stream goes away while the transaction commits, the job is requeued at once (not
+    at the ack timeout) and the next runner gets it."""
+    leaving, staying = await start_runners(channel, 2, "hand")
+    engine = server.engine
+    stream = leaving.job_stream()
+    write = engine.db.write
+    try:
+        await stream.request()
+        deadline = time.monotonic() + 60
+        while not engine._waiters:
+            assert time.monotonic() < deadline, "runner never parked"
+            await asyncio.sleep(0.05)
+
+        async def leave_first(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if fn is job_tx.job_queue_and_hand:
+                stream.call.cancel()
+                gone_by = time.monotonic() + 60
+                while engine._waiters:  # its next_job has given up
+                    assert time.monotonic() < gone_by, "the stream never went away"
+                    await asyncio.sleep(0.01)
+            return await write(fn, *args, **kwargs)
+
+        engine.db.write = leave_first  # type: ignore[method-assign]
+        job_id = await queue(vagrant, t.noop_job())
+        engine.db.write = write  # type: ignore[method-assign]
+        next_stream = staying.job_stream()
+        taken = await next_stream.take(timeout=60)
+        assert taken.id == job_id
+        shown = await vagrant.GetJob(vs.GetJobRequest(job_id=job_id))
+        assert shown.assigned_runner.id == staying.runner.id
+        await next_stream.complete()
+    finally:
+        engine.db.write = write  # type: ignore[method-assign]
+        await close_runners([leaving, staying])

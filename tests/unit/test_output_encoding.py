@@ -27,7 +27,7 @@ def test_merged_batches_decode_as_one_terminal_message(buffered: bool) -> None:
     log.append(batch("a", "b"))
     log.append(batch("c"))
     log.append(batch("d" * 300))  # a length that needs a two-byte varint
-    encoded, after = log.terminal_response(5, buffered)
+    encoded, after = log.terminal_response(5, buffered, until=8)
     assert after == 8
     decoded = Response.FromString(encoded)
     assert decoded.WhichOneof("event") == "terminal"
@@ -48,7 +48,7 @@ def test_merging_stops_at_the_size_cap_but_always_sends_one(
     log.append(batch("x" * 200))  # alone over the cap
     sent, seq = [], 0
     while seq < log.next_seq:
-        encoded, seq = log.terminal_response(seq, False)
+        encoded, seq = log.terminal_response(seq, False, until=log.next_seq)
         sent.append(lines(Response.FromString(encoded)))
     assert sent == [["0" * 20, "1" * 20], ["2" * 20, "3" * 20], ["x" * 200]]
 
@@ -57,3 +57,14 @@ def test_a_batch_is_stored_as_its_terminal_encoding() -> None:
     log = OutputLog("j", first_seq=0)
     log.append(batch("a"))
     assert Terminal.FromString(log.encoded(0)) == log.batches[0]
+
+
+def test_batches_that_reached_us_before_a_watcher_joined_are_its_backlog() -> None:
+    log = OutputLog("j", first_seq=0)
+    log.append(batch("stored"), seen_at=float("-inf"))  # loaded from the store
+    log.append(batch("early"), seen_at=10.0)
+    log.append(batch("late"), seen_at=20.0)
+    assert [log.live_from(t) for t in (5.0, 10.0, 15.0, 25.0)] == [1, 1, 2, 3]
+    # Backlog and live lines never share a message.
+    encoded, after = log.terminal_response(0, True, until=log.live_from(15.0))
+    assert (lines(Response.FromString(encoded)), after) == (["stored", "early"], 2)

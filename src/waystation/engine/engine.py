@@ -3,9 +3,11 @@
 The database decides (every transition is a transaction in
 waystation.store.jobs); this module decides *when* to ask it:
 
-- Assignment: a runner waiting for work parks a Waiter. Queueing a job wakes
-  one fitting waiter, which runs the assign transaction; a waiter that got a
-  job wakes the next one, so a burst of jobs spreads over idle runners. Every
+- Assignment: a runner waiting for work parks a Waiter. Queueing a job while
+  a fitting waiter idles assigns to it in the queue's own transaction and
+  hands it the job; otherwise a waiter woken later runs the assign
+  transaction, and one that got a job wakes the next, so a burst of jobs
+  spreads over idle runners. Every
   poll interval one query finds work queued by other replicas (or freed by
   them) and wakes fitting waiters; waiters never poll on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
@@ -48,6 +50,9 @@ class Waiter:
     runner_id: str  # lowercased
     by_id_only: bool
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    parked: bool = True  # False once next_job has returned or given up
+    reserved: bool = False  # a queue transaction is assigning to it right now
+    handed: vs.Job | None = None  # assigned by a queue transaction, not yet taken
 
 
 @dataclass(eq=False)
@@ -115,13 +120,43 @@ class JobEngine:
     # -- queue ---------------------------------------------------------------
 
     async def queue(self, job: vs.Job, expires_in: float | None) -> str:
+        """Persist the job; a runner already waiting for it gets it in the same
+        commit (one transaction and no wake-up round trip, the common case)."""
         expiry = to_us(expires_in) if expires_in is not None else None
-        job_id = await self.db.write(job_tx.job_queue, job, now_us(), expiry)
         runner = job.target_runner.id.id.lower() if job.target_runner.HasField("id") else None
-        self._wake_for(runner)
+        waiter = self._idle_waiter(runner)
+        handed: vs.Job | None = None
+        if waiter is None:
+            job_id = await self.db.write(job_tx.job_queue, job, now_us(), expiry)
+        else:
+            waiter.reserved = True
+            try:
+                job_id, handed = await self.db.write(
+                    job_tx.job_queue_and_hand,
+                    job,
+                    now_us(),
+                    expiry,
+                    job_tx.Runner(waiter.runner_id, waiter.by_id_only),
+                    to_us(self.timeouts.ack),
+                )
+            finally:
+                waiter.reserved = False
+            if handed is not None:
+                self._hand(waiter, handed)
+        if handed is None or handed.id != job_id:
+            self._wake_for(runner)  # the new job still waits
         if expires_in is not None:
             self._arm(expires_in)
         return job_id
+
+    def _hand(self, waiter: Waiter, job: vs.Job) -> None:
+        self._arm(self.timeouts.ack)
+        self.feed.publish(job_topic(job.id))
+        if waiter.parked and waiter.handed is None:
+            waiter.handed = job
+            waiter.wake.set()
+        else:  # its stream went away while the transaction committed
+            self._spawn(self.nack(job, waiter.runner_id))
 
     async def cancel(self, job_id: str, kind: str = job_tx.VAGRANT) -> job_tx.CancelOutcome:
         outcome = await self.db.write(job_tx.job_cancel, job_id, now_us(), kind)
@@ -181,6 +216,9 @@ class JobEngine:
                 if recheck is not None and not first:
                     await recheck()
                 first = False
+                if waiter.handed is not None:  # assigned as it was queued (see queue)
+                    handed, waiter.handed = waiter.handed, None
+                    return handed
                 waiter.wake.clear()  # before looking, so no wake-up is lost
                 assigning = asyncio.ensure_future(
                     self.db.write(
@@ -207,7 +245,10 @@ class JobEngine:
                 # elsewhere once for all waiters, so 10,000 idle runners cost nothing.
                 await waiter.wake.wait()
         finally:
+            waiter.parked = False
             self._waiters.remove(waiter)
+            if waiter.handed is not None:  # handed, never taken: back to the queue
+                self._spawn(self.nack(waiter.handed, runner.id))
 
     def _return_unclaimed(self, runner_id: str) -> Callable[[asyncio.Future[Any]], None]:
         def done(assigning: asyncio.Future[Any]) -> None:
@@ -360,13 +401,14 @@ class JobEngine:
     async def output(self, job_id: str, *, load: bool = True) -> AsyncIterator[OutputLog]:
         """The job's shared output log, loaded from the store on first use."""
         output = self._logs.get(job_id)
+        fresh = output is None
         if output is None:
             output = OutputLog(job_id, 0)
             self._logs[job_id] = output
         output.refs += 1
         try:
             if load:
-                await output.refresh(self.db)
+                await output.refresh(self.db, backlog=fresh)
             yield output
         finally:
             output.refs -= 1
@@ -461,14 +503,20 @@ class JobEngine:
 
     # -- wake-ups ------------------------------------------------------------
 
-    def _wake_for(self, runner_id: str | None) -> None:
-        """Wake one idle waiter that may take a job aimed at `runner_id` (None: any)."""
+    def _idle_waiter(self, runner_id: str | None) -> Waiter | None:
+        """An idle waiter that may take a job aimed at `runner_id` (None: any)."""
         for waiter in self._waiters:
-            if waiter.wake.is_set():
+            if waiter.wake.is_set() or waiter.reserved or waiter.handed is not None:
                 continue
             if waiter.runner_id == runner_id or (runner_id is None and not waiter.by_id_only):
-                waiter.wake.set()
-                return
+                return waiter
+        return None
+
+    def _wake_for(self, runner_id: str | None) -> None:
+        """Wake one idle waiter that may take a job aimed at `runner_id` (None: any)."""
+        waiter = self._idle_waiter(runner_id)
+        if waiter is not None:
+            waiter.wake.set()
 
     async def _wake_from_db(self) -> None:
         """Wake waiters for whatever is queued: after a scope frees, and on polls."""

@@ -10,7 +10,10 @@ The log lives while anyone holds it (the engine counts references).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import math
+import time
 
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import jobs as job_tx
@@ -37,6 +40,10 @@ class OutputLog:
         # writer stores it: the Terminal message with buffered unset, which
         # is exactly its `events` records.
         self._encoded: list[bytes] = []
+        # When each batch reached this server (monotonic clock): a watcher that
+        # joined later gets it as buffered backlog. Rows already stored when the
+        # log is first loaded count as reached at -inf. Never decreasing.
+        self.seen_at: list[float] = []
         self.refs = 0
         self.local_writer = False
 
@@ -44,9 +51,14 @@ class OutputLog:
     def next_seq(self) -> int:
         return self.first_seq + len(self.batches)
 
-    def append(self, batch: Terminal) -> int:
+    def append(self, batch: Terminal, seen_at: float | None = None) -> int:
         self.batches.append(batch)
+        self.seen_at.append(time.monotonic() if seen_at is None else seen_at)
         return self.next_seq - 1
+
+    def live_from(self, joined: float) -> int:
+        """The first seq that reached us at or after `joined` (a watcher's start)."""
+        return self.first_seq + bisect.bisect_left(self.seen_at, joined)
 
     def encoded(self, seq: int) -> bytes:
         index = seq - self.first_seq
@@ -54,15 +66,15 @@ class OutputLog:
             self._encoded.append(self.batches[len(self._encoded)].SerializeToString())
         return self._encoded[index]
 
-    def terminal_response(self, seq: int, buffered: bool) -> tuple[bytes, int]:
-        """A GetJobStreamResponse{terminal} carrying the batches from `seq` on
-        (as many as fit MERGE_BYTES, at least one), already serialized; and the
-        seq after the last one carried. Repeated fields concatenate on the
-        wire, so merging batches is joining their encodings."""
+    def terminal_response(self, seq: int, buffered: bool, until: int) -> tuple[bytes, int]:
+        """A GetJobStreamResponse{terminal} carrying the batches from `seq` on,
+        before `until` (as many as fit MERGE_BYTES, at least one), already
+        serialized; and the seq after the last one carried. Repeated fields
+        concatenate on the wire, so merging batches is joining their encodings."""
         parts = [self.encoded(seq)]
         size = len(parts[0])
         seq += 1
-        while seq < self.next_seq:
+        while seq < min(until, self.next_seq):
             part = self.encoded(seq)
             if size + len(part) > MERGE_BYTES:
                 break
@@ -74,15 +86,18 @@ class OutputLog:
             size += len(_BUFFERED)
         return b"".join((_TERMINAL_TAG, _varint(size), *parts)), seq
 
-    async def refresh(self, db: Database) -> None:
-        """Pull batches persisted by someone else (another replica, or a past run)."""
+    async def refresh(self, db: Database, *, backlog: bool = False) -> None:
+        """Pull batches persisted by someone else (another replica, or a past run);
+        `backlog`: this is the log's first load, so they were there before anyone
+        here watched."""
         if self.local_writer:
             return
+        seen_at = -math.inf if backlog else None
         while True:
             rows = await db.read_bulk(job_tx.output_read, self.job_id, self.next_seq - 1)
             for seq, data in rows:
                 if seq == self.next_seq:
-                    self.append(Terminal.FromString(data))
+                    self.append(Terminal.FromString(data), seen_at)
             if len(rows) < 1000:
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ from grpc import aio
 
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import OUTPUT_TOPIC, job_topic, output_topic, wait
-from waystation.engine.rules import FINAL
+from waystation.engine.rules import FINAL, HELD
 from waystation.engine.validation import check_new_job, parse_expiry
 from waystation.errors import FailedPrecondition, WaystationError
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -78,6 +79,7 @@ class JobRPCs:
         if not request.job_id:
             raise FailedPrecondition("job_id is required")
         job_id = request.job_id
+        joined = time.monotonic()  # output that reached us before this is backlog
         job = await self.engine.get(job_id)  # NOT_FOUND before any message
         yield StreamResponse(open=StreamResponse.Open())
         feed = self.engine.feed
@@ -85,7 +87,7 @@ class JobRPCs:
         with feed.subscribe(job_topic(job_id), output_topic(job_id)) as wake:
             async with self.engine.output(job_id) as output:
                 previous, canceling = vs.Job.UNKNOWN, False
-                seen_version, sent, buffered = -1, 0, True
+                seen_version, sent = -1, 0
                 looked_elsewhere = False
                 while True:
                     wake.clear()
@@ -94,6 +96,10 @@ class JobRPCs:
                         seen_version = version
                         job = await self.engine.get(job_id)
                     now_canceling = job.HasField("cancel_time")
+                    missed = _missed_canceling(job, previous, canceling)
+                    if missed is not None:
+                        yield missed
+                        canceling = True
                     if job.state != previous or now_canceling != canceling:
                         yield StreamResponse(
                             state=StreamResponse.State(
@@ -109,10 +115,12 @@ class JobRPCs:
                         await output.refresh(self.engine.db)  # rows another server wrote
                     # Batches may arrive while we yield: count each one sent.
                     while sent < output.next_seq:
-                        # Encoded once for every watcher (see server.app.allow_encoded).
-                        encoded, sent = output.terminal_response(sent, buffered)
+                        # Encoded once for every watcher (see server.app.AllowEncoded).
+                        live_from = output.live_from(joined)
+                        buffered = sent < live_from
+                        until = live_from if buffered else output.next_seq
+                        encoded, sent = output.terminal_response(sent, buffered, until)
                         yield encoded
-                    buffered = False  # what was there on joining is the backlog
                     if final:
                         # Set only what the job has: clients read a present error as failure.
                         complete = StreamResponse.Complete()
@@ -144,3 +152,23 @@ class JobRPCs:
                 await wait(wake, self.engine.timeouts.poll)
                 for batch in await follower.new_lines():
                     yield batch
+
+
+def _missed_canceling(job: vs.Job, previous: Any, canceling: bool) -> StreamResponse | None:
+    """The canceling state of a job that was cancelled while held and ended before
+    this watcher looked again (two commits between two reads): clients show
+    "canceling", so it is reported as it was, from the job's own timestamps."""
+    if canceling or previous not in HELD or job.state not in FINAL:
+        return None
+    if not job.HasField("cancel_time") or (
+        job.cancel_time.ToMicroseconds() >= job.complete_time.ToMicroseconds()
+    ):
+        return None  # never held while canceling (or forced at once)
+    was = vs.Job()
+    was.CopyFrom(job)
+    was.state = previous
+    for done in ("complete_time", "error", "result"):
+        was.ClearField(done)
+    return StreamResponse(
+        state=StreamResponse.State(previous=previous, current=previous, job=was, canceling=True)
+    )

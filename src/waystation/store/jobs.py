@@ -202,6 +202,29 @@ def job_assign(
     return None
 
 
+@dataclass(frozen=True)
+class Runner:
+    """A runner parked for work: whom a queued job may be handed to at once."""
+
+    id: str
+    by_id_only: bool
+
+
+def job_queue_and_hand(
+    conn: Connection,
+    job: vs.Job,
+    now: int,
+    expires_in: int | None,
+    runner: Runner,
+    ack_timeout: int,
+) -> tuple[str, vs.Job | None]:
+    """Queue the job, then assign the runner its oldest fitting job (usually
+    this one) in the same commit: one transaction instead of two when a runner
+    is already waiting. (the new job's id, the job assigned or None)"""
+    job_id = job_queue(conn, job, now, expires_in)
+    return job_id, job_assign(conn, runner.id, runner.by_id_only, now, ack_timeout)
+
+
 def _candidates(by_id_only: bool) -> Prepared:
     target = jobs.c.runner_id == sa.bindparam("rid")
     if not by_id_only:
