@@ -212,7 +212,7 @@ def measure(options: Options, results: Results, count: int) -> None:
         f"queue->assign p99, {count} idle runners",
         percentile(lat, 99),
         "ms",
-        f"{jobs} jobs at 20/s",
+        f"{jobs} jobs at 20/s, queued to the runner's ack",
     )
 
 
