@@ -7,9 +7,9 @@ waystation.store.jobs); this module decides *when* to ask it:
   a fitting waiter idles assigns to it in the queue's own transaction and
   hands it the job; otherwise a waiter woken later runs the assign
   transaction, and one that got a job wakes the next, so a burst of jobs
-  spreads over idle runners. Every
-  poll interval one query finds work queued by other replicas (or freed by
-  them) and wakes fitting waiters; waiters never poll on their own.
+  spreads over idle runners. Every poll interval one query finds work queued
+  (or freed) by other replicas and wakes fitting waiters; waiters never poll
+  on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
   (store.provisioning) share the jobs table, states, cancel and timers.
 - Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
