@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -555,6 +556,12 @@ class JobEngine:
         task.add_done_callback(_log_failure)
 
 
+# Watchers of a job that writes fast wake at most this often: each wake-up
+# costs every watcher a message, and what arrives in between is sent merged.
+# A lone line still goes out at once.
+OUTPUT_WAKE_SECONDS = 0.025
+
+
 @dataclass
 class OutputAppender:
     """What a runner stream uses to add output to its job."""
@@ -562,14 +569,31 @@ class OutputAppender:
     engine: JobEngine
     output: OutputLog
     writer: OutputWriter
+    _woke_at: float = -math.inf
+    _pending: asyncio.TimerHandle | None = None
 
     def append(self, batch: Terminal) -> None:
         self.output.append(batch)
         self.writer.notify()
+        if self._pending is not None:
+            return  # a wake-up is due; it will carry this batch too
+        loop = asyncio.get_running_loop()
+        delay = self._woke_at + OUTPUT_WAKE_SECONDS - loop.time()
+        if delay <= 0:
+            self._wake()
+        else:
+            self._pending = loop.call_later(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._pending = None
+        self._woke_at = asyncio.get_running_loop().time()
         self.engine.feed.publish(output_topic(self.output.job_id))
         self.engine.feed.publish(OUTPUT_TOPIC)
 
     async def flush(self) -> None:
+        if self._pending is not None:  # the job is about to end: no one waits
+            self._pending.cancel()
+            self._wake()
         await self.writer.flush()
 
 
