@@ -55,6 +55,7 @@ class Counters:
         self.done = CTX.Value("i", 0)  # jobs completed by the idle runners
         self.retries = CTX.Value("i", 0)  # streams refused or broken, then reopened
         self.failed = CTX.Value("i", 0)  # runners that gave up on an unexpected error
+        self.receipts = CTX.Queue()  # (job id, time) as each assignment arrives
 
     @staticmethod
     def bump(value: Any) -> None:
@@ -99,7 +100,8 @@ async def _idle_runner(
             async with gate:
                 config = await _register(stub, name)
             done = functools.partial(Counters.bump, counters.done)
-            await run_jobs(stub, name, done, stop, functools.partial(_park, parked, counters))
+            waiting = functools.partial(_park, parked, counters)
+            await run_jobs(stub, name, done, stop, waiting, counters.receipts)
         except aio.AioRpcError as exc:
             if not _refused(exc):
                 print(f"idle runner {name}: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -194,7 +196,7 @@ def measure(options: Options, results: Results, count: int) -> None:
                 after = rss_kib(server.proc.pid)
                 ids = pool.apply(run_async_in_process, (queue_jobs, server.address, jobs, 1, 20.0))
                 _wait("jobs done", lambda: int(counters.done.value), jobs, counters)
-                lat = pool.apply(run_async_in_process, (assign_latencies, server.address, ids))
+                lat = assign_latencies(pool, server.address, ids, counters.receipts)
         finally:
             stop.set()
             for p in procs:
@@ -212,7 +214,7 @@ def measure(options: Options, results: Results, count: int) -> None:
         f"queue->assign p99, {count} idle runners",
         percentile(lat, 99),
         "ms",
-        f"{jobs} jobs at 20/s, queued to the runner's ack",
+        f"{jobs} jobs at 20/s, queued to the runner's receipt",
     )
 
 
