@@ -724,5 +724,9 @@ async def test_runner_parked_for_work_gets_nothing_after_its_token_is_revoked(
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in (refused.value.details() or "")
         await runner.close()
-    job = await vagrant.GetJob(vs.GetJobRequest(job_id=job_id))
-    assert job.state == vs.Job.QUEUED and not job.HasField("assigned_runner")
+    # The job it was handed goes back to the queue (in the background, so poll).
+    deadline = time.monotonic() + 30
+    while (job := await vagrant.GetJob(vs.GetJobRequest(job_id=job_id))).state != vs.Job.QUEUED:
+        assert job.state == vs.Job.WAITING and time.monotonic() < deadline, job
+        await asyncio.sleep(0.05)
+    assert not job.HasField("assigned_runner")

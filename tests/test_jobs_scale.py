@@ -363,3 +363,41 @@ async def test_a_job_handed_to_a_runner_that_just_left_goes_back_to_the_queue(
     finally:
         engine.db.write = write  # type: ignore[method-assign]
         await close_runners([leaving, staying])
+
+
+async def test_a_runner_with_nothing_to_do_parks_without_a_write_transaction(
+    server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
+) -> None:
+    """Where reads are cheap (SQLite, on the event loop) a runner first reads
+    whether anything fits it, and only then runs the assign transaction; where
+    they are not (PostgreSQL), the assign transaction is the look."""
+    runners = await start_runners(channel, 2, "look")
+    writes: list[str] = []
+    write = server.engine.db.write
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        writes.append(fn.__name__)
+        return await write(fn, *args, **kwargs)
+
+    server.engine.db.write = counting  # type: ignore[method-assign]
+    streams = [r.job_stream() for r in runners]
+    try:
+        await streams[0].request()
+        deadline = time.monotonic() + 60
+        while len(server.engine._waiters) < 1:
+            assert time.monotonic() < deadline, "runner never parked"
+            await asyncio.sleep(0.05)
+        looks = writes.count("job_assign")
+        assert looks == (0 if server.engine.db.reads_inline else 1), writes
+        # Work queued before a runner asks is still found by its look.
+        server.engine.db.write = write  # type: ignore[method-assign]
+        first = await queue(vagrant, t.noop_job())
+        assert (await streams[0].assignment(timeout=60)).id == first
+        second = await queue(vagrant, t.noop_job())
+        await streams[1].request()
+        assert (await streams[1].assignment(timeout=60)).id == second
+    finally:
+        server.engine.db.write = write  # type: ignore[method-assign]
+        for stream in streams:
+            stream.call.cancel()
+        await close_runners(runners)

@@ -221,6 +221,13 @@ class JobEngine:
                     handed, waiter.handed = waiter.handed, None
                     return handed
                 waiter.wake.clear()  # before looking, so no wake-up is lost
+                if self.db.reads_inline and not await self.db.read(
+                    job_tx.jobs_assignable_exist, waiter.runner_id, waiter.by_id_only
+                ):
+                    # Nothing to take: park without a write. (Where reads are
+                    # not this cheap, the assign transaction is the look.)
+                    await waiter.wake.wait()
+                    continue
                 assigning = asyncio.ensure_future(
                     self.db.write(
                         job_tx.job_assign,

@@ -167,6 +167,11 @@ class Database:
         self._queue.put(_Work(fn, args, kwargs, future, loop))
         return await future
 
+    @property
+    def reads_inline(self) -> bool:
+        """Reads run on the event loop and cost microseconds (SQLite)."""
+        return self._inline_reads
+
     async def read(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(conn, *args)` in a read-only snapshot.
 

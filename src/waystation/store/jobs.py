@@ -225,7 +225,14 @@ def job_queue_and_hand(
     return job_id, job_assign(conn, runner.id, runner.by_id_only, now, ack_timeout)
 
 
-def _candidates(by_id_only: bool) -> Prepared:
+def jobs_assignable_exist(conn: Connection, runner_id: str, by_id_only: bool) -> bool:
+    """Whether job_assign would find a job for this runner now: a read, so that
+    a runner with nothing to do costs no write transaction."""
+    return _ANY_CANDIDATE[by_id_only].one(conn, rid=runner_id.lower()) is not None
+
+
+def _fits(by_id_only: bool) -> sa.ColumnElement[bool]:
+    """QUEUED jobs the runner may take whose scope no other job holds."""
     target = jobs.c.runner_id == sa.bindparam("rid")
     if not by_id_only:
         target = sa.or_(target, jobs.c.runner_id.is_(None))
@@ -237,16 +244,22 @@ def _candidates(by_id_only: bool) -> Prepared:
             sa.or_(*(held.c.state == state for state in HELD)),
         ),
     )
-    return Prepared(
+    return sa.and_(jobs.c.kind == VAGRANT, jobs.c.state == QUEUED, target, not_blocked)
+
+
+_CANDIDATES = {
+    flag: Prepared(
         sa.select(jobs.c.id, jobs.c.scope_key)
-        .where(jobs.c.kind == VAGRANT, jobs.c.state == QUEUED, target, not_blocked)
+        .where(_fits(flag))
         .order_by(jobs.c.queue_time, jobs.c.id)
         .limit(8)
         .with_for_update(skip_locked=True)
     )
-
-
-_CANDIDATES = {flag: _candidates(flag) for flag in (False, True)}
+    for flag in (False, True)
+}
+_ANY_CANDIDATE = {
+    flag: Prepared(sa.select(jobs.c.id).where(_fits(flag)).limit(1)) for flag in (False, True)
+}
 _TAKE = Prepared(
     sa.update(jobs)
     .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
