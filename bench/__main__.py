@@ -49,7 +49,8 @@ def main() -> int:
 
 
 def report(results: Results, options: Options) -> str:
-    ceiling_rate = results.get("ceiling", "unary echo, 64 in flight")
+    ceiling_rate = results.get("ceiling", ceiling.UNARY)
+    floor = results.get("ceiling", ceiling.FLOOR)
     celery = results.get("peers", "Celery 5 + Redis, noop tasks/s")
     procrastinate = results.get("peers", "procrastinate + PostgreSQL, noop jobs/s")
     info = machine()
@@ -62,15 +63,19 @@ def report(results: Results, options: Options) -> str:
         f"{info['platform']}. Backend: {'PostgreSQL' if options.db else 'SQLite'}, "
         f"fsync {'on' if options.fsync else 'off'}.",
         "",
-        "| scenario | measure | value | unit | vs ceiling | vs Celery | vs procrastinate | note |",
-        "|---|---|---:|---|---:|---:|---:|---|",
+        "| scenario | measure | value | unit | vs ceiling | vs protocol floor "
+        "| vs Celery | vs procrastinate | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for f in results.figures:
         per_second = f.unit.endswith("/s")
-        against_ceiling = per_second and f.scenario in ("jobs", "provision")
+        against_ceiling = per_second and (
+            f.scenario in ("jobs", "provision") or f.name == ceiling.FLOOR
+        )
         lines.append(
             f"| {f.scenario} | {f.name} | {f.value:,.1f} | {f.unit} | "
             f"{_ratio(f.value, ceiling_rate) if against_ceiling else ''} | "
+            f"{_ratio(f.value, floor) if per_second and f.scenario == 'jobs' else ''} | "
             f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
             f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
             f"{f.note} |"

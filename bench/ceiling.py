@@ -2,6 +2,12 @@
 
 A unary echo with 64 calls in flight, and a bidirectional ping-pong, between
 two processes on loopback. Our RPCs are measured against these.
+
+And the protocol's own floor: the `jobs` scenario's clients (one queuer, ten
+runner streams) against a bare grpc.aio server that implements just QueueJob,
+RunnerConfig and RunnerJobStream on an in-memory queue, with no storage, no
+validation and no timers. No job server speaking this protocol in Python can
+do better on this machine; the gap to it is what storage and the engine cost.
 """
 
 from __future__ import annotations
@@ -9,13 +15,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any, cast
 
 import grpc
 from grpc import aio
 
+from bench import jobs
 from bench.common import CTX, Options, Results, processes, run_async_in_process
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.server.unimplemented import fill_unimplemented
 
 SERVICE = "bench.Echo"
+UNARY = "unary echo, 64 in flight"
+FLOOR = "protocol in memory, noop jobs/s, 10 runner streams"
+Response = vs.RunnerJobStreamResponse
 
 
 def _identity(data: bytes) -> bytes:
@@ -82,6 +96,53 @@ async def _bidi_client(port: int, seconds: float) -> int:
         return count
 
 
+class _InMemoryVagrant:
+    """The three RPCs the `jobs` clients use, on an asyncio queue: nothing persists."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[vs.Job] = asyncio.Queue()
+        self.count = 0
+        fill_unimplemented(self, vs.DESCRIPTOR.services_by_name["Vagrant"])
+
+    async def QueueJob(self, request: vs.QueueJobRequest, context: object) -> vs.QueueJobResponse:
+        self.count += 1
+        job = vs.Job(id=str(self.count), state=vs.Job.WAITING)
+        job.MergeFrom(request.job)
+        self.queue.put_nowait(job)
+        return vs.QueueJobResponse(job_id=job.id)
+
+    async def RunnerConfig(self, requests: Any, context: Any) -> None:
+        await anext(aiter(requests))  # Open
+        await context.write(vs.RunnerConfigResponse(config=vs.RunnerConfig()))
+        async for _ in requests:
+            pass
+
+    async def RunnerJobStream(self, requests: Any, context: Any) -> None:
+        reader = aiter(requests)
+        await anext(reader)  # Request
+        job = await self.queue.get()
+        await context.write(Response(assignment=Response.JobAssignment(job=job)))
+        async for message in reader:  # Ack, then Complete
+            if message.WhichOneof("event") in ("complete", "error"):
+                return
+
+
+async def _serve_floor(port: int, ready: Any, stop: Any) -> None:
+    server = aio.server()
+    servicer = cast(vs_grpc.VagrantServicer, _InMemoryVagrant())
+    vs_grpc.add_VagrantServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+    await server.stop(0)
+
+
+def _floor_main(port: int, ready: Any, stop: Any) -> None:
+    run_async_in_process(_serve_floor, port, ready, stop)
+
+
 def run(options: Options, results: Results) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,9 +154,26 @@ def run(options: Options, results: Results) -> None:
         ready.wait(30)
         seconds = 3.0 if options.quick else 10.0
         (count,) = processes(_unary_client, [(port, seconds, 64)])
-        results.add("ceiling", "unary echo, 64 in flight", count / seconds, "calls/s")
+        results.add("ceiling", UNARY, count / seconds, "calls/s")
         (pings,) = processes(_bidi_client, [(port, seconds)])
         results.add("ceiling", "bidi ping-pong, one stream", pings / seconds, "round trips/s")
     finally:
         stop.set()
         server.join(10)
+    ready, stop = CTX.Event(), CTX.Event()
+    floor = CTX.Process(target=_floor_main, args=(port, ready, stop), daemon=True)
+    floor.start()
+    try:
+        ready.wait(30)
+        count = options.scale(5000, 1000)
+        rate = jobs.jobs_per_second(f"127.0.0.1:{port}", 10, count)
+        results.add(
+            "ceiling",
+            FLOOR,
+            rate,
+            "jobs/s",
+            "bare grpc.aio, no storage: the floor for any job server",
+        )
+    finally:
+        stop.set()
+        floor.join(10)

@@ -175,25 +175,29 @@ def _wait_done(done: Any, count: int, timeout: float) -> float:
 def throughput(options: Options, results: Results, streams: int) -> float:
     count = options.scale(5000, 1000)
     with waystation_server(options) as server:
-        done, stop = CTX.Value("i", 0), CTX.Event()
-        procs = _start_runners(server.address, streams, done, stop)
-        time.sleep(1.0 + streams * 0.02)  # let every runner register and wait
-        with CTX.Pool(1) as pool:
-            # The queuer process starts (and imports) before the clock does, as
-            # the peers' producers do.
-            pool.apply(_warm)
-            start = time.perf_counter()
-            queued = pool.apply_async(
-                run_async_in_process, (queue_jobs, server.address, count, 64, 0.0)
-            )
-            end = _wait_done(done, count, 600)
-            queued.get(60)
-        stop.set()
-        for p in procs:
-            p.join(10)
-    rate = count / (end - start)
+        rate = jobs_per_second(server.address, streams, count)
     results.add("jobs", f"noop jobs/s, {streams} runner streams", rate, "jobs/s", f"{count} jobs")
     return rate
+
+
+def jobs_per_second(address: str, streams: int, count: int) -> float:
+    """Queue `count` noop jobs to the server at `address`, run them on `streams`
+    runner streams; jobs/s from the first queued to the last completed."""
+    done, stop = CTX.Value("i", 0), CTX.Event()
+    procs = _start_runners(address, streams, done, stop)
+    time.sleep(1.0 + streams * 0.02)  # let every runner register and wait
+    with CTX.Pool(1) as pool:
+        # The queuer process starts (and imports) before the clock does, as
+        # the peers' producers do.
+        pool.apply(_warm)
+        start = time.perf_counter()
+        queued = pool.apply_async(run_async_in_process, (queue_jobs, address, count, 64, 0.0))
+        end = _wait_done(done, count, 600)
+        queued.get(60)
+    stop.set()
+    for p in procs:
+        p.join(10)
+    return count / (end - start)
 
 
 def latency(options: Options, results: Results) -> None:
