@@ -13,15 +13,18 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import StatusCode, aio
 
 from waystation import testing as t
 from waystation.engine.rules import Timeouts
 from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.server.app import RunningServer
+from waystation.store import schema
 
 if TYPE_CHECKING:
     from waystation.protocol.vagrant_server_pb2_grpc import VagrantAsyncStub as Stub
@@ -504,3 +507,34 @@ async def test_successful_jobs_complete_event_has_no_error(
         assert events[-1].WhichOneof("event") == "complete"
         assert events[-1].complete.HasField("result")
         assert not events[-1].complete.HasField("error")
+
+
+LEASE = 2.0
+
+
+def _online_until(conn: Any, runner_id: str) -> int | None:
+    return cast(
+        "int | None",
+        conn.execute(
+            sa.select(schema.runners.c.online_until).where(schema.runners.c.id == runner_id)
+        ).scalar_one(),
+    )
+
+
+@pytest.mark.parametrize(
+    "timeouts", [Timeouts(ack=ACK, heartbeat=HEARTBEAT, poll=POLL, runner_lease=LEASE)]
+)
+async def test_a_connected_runner_stays_online_past_its_first_lease(
+    server: RunningServer, channel: aio.Channel
+) -> None:
+    """Leases are renewed (every quarter lease, not on every poll) before they run out."""
+    fake = await runner(channel, "leased")
+    try:
+        first = await server.engine.db.read(_online_until, "leased")
+        assert first is not None
+        # Two leases after the first one ends, it must have been renewed since.
+        await asyncio.sleep(max(0.0, (first - time.time_ns() // 1000) / 1e6 + 2 * LEASE))
+        until = await server.engine.db.read(_online_until, "leased")
+        assert until is not None and until > time.time_ns() // 1000
+    finally:
+        await fake.close()

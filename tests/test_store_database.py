@@ -13,9 +13,10 @@ from sqlalchemy.engine import Connection
 
 from waystation.errors import AlreadyExists, WaystationError
 from waystation.store import Store
+from waystation.store import runners as runner_tx
 from waystation.store.migrate import alembic_config
 from waystation.store.prepared import Prepared
-from waystation.store.schema import bases, metadata
+from waystation.store.schema import bases, metadata, runners
 
 
 def _insert(conn: Connection, name: str, fail: bool) -> str:
@@ -146,5 +147,31 @@ async def test_prepared_statements_refuse_in_lists_that_expand_at_execution(
     try:
         with pytest.raises(ValueError, match="IN"):
             await store.db.read(lambda conn: expanding.all(conn))
+    finally:
+        await store.close()
+
+
+def _register_many(conn: Connection, count: int) -> None:
+    rows = [
+        {"id": f"r-{i}", "by_id_only": False, "first_seen": 1, "last_seen": 1, "data": b""}
+        for i in range(count)
+    ]
+    conn.execute(sa.insert(runners), rows)
+
+
+def _leases(conn: Connection) -> list[int]:
+    return list(conn.execute(sa.select(runners.c.online_until)).scalars())
+
+
+async def test_renewing_more_runners_than_one_statement_may_name(backend_url: str) -> None:
+    """A statement takes at most 65,535 parameters on PostgreSQL (32,766 on many
+    SQLite builds): leases renew in slices."""
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        count = 66_000
+        await store.db.write(_register_many, count)
+        ids = [f"R-{i}" for i in range(count)]  # any case: ids match ignoring it
+        await store.db.write(runner_tx.runners_renew, ids, 1000, 60)
+        assert await store.db.read(_leases) == [1060] * count
     finally:
         await store.close()

@@ -484,10 +484,15 @@ class JobEngine:
             log.info("jobs requeued after the ack timeout: %s", ", ".join(fired.requeued))
 
     async def _housekeeping_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while True:
             await asyncio.sleep(self.timeouts.poll)
             try:
-                if self._connected:
+                # A lease is renewed well before it runs out, not on every poll:
+                # with 10,000 runners each renewal writes 10,000 rows.
+                if self._connected and loop.time() - renewed >= self.timeouts.runner_lease / 4:
+                    renewed = loop.time()
                     lease = to_us(self.timeouts.runner_lease)
                     await self.db.write(
                         runner_tx.runners_renew, list(self._connected), now_us(), lease

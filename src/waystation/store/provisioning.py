@@ -36,6 +36,7 @@ from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import jobs as job_tx
 from waystation.store.prepared import Prepared
+from waystation.store.runners import renew_leases
 from waystation.store.schema import (
     jobs,
     provisioner_daemons,
@@ -755,13 +756,7 @@ _DAEMON_NEW = Prepared(
 
 
 def daemons_renew(conn: Connection, daemon_ids: Iterable[str], now: int, lease: int) -> None:
-    ids = list(daemon_ids)
-    if ids:
-        conn.execute(
-            sa.update(provisioner_daemons)
-            .where(provisioner_daemons.c.id.in_(ids))
-            .values(last_seen=now, online_until=now + lease)
-        )
+    renew_leases(conn, provisioner_daemons, list(daemon_ids), now, lease)
 
 
 def daemon_left(conn: Connection, daemon_id: str, now: int) -> None:

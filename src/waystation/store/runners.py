@@ -39,13 +39,22 @@ def runner_register(conn: Connection, runner: vs.Runner, now: int, lease: int) -
 
 
 def runners_renew(conn: Connection, runner_ids: Iterable[str], now: int, lease: int) -> None:
-    ids = [r.lower() for r in runner_ids]
-    if ids:
+    renew_leases(conn, runners, [r.lower() for r in runner_ids], now, lease)
+
+
+def renew_leases(conn: Connection, table: sa.Table, ids: list[str], now: int, lease: int) -> None:
+    """Keep these rows (runners, provisioner daemons) online for another lease."""
+    # In slices: PostgreSQL takes at most 65,535 parameters a statement, many
+    # SQLite builds 32,766.
+    for start in range(0, len(ids), RENEW_SLICE):
         conn.execute(
-            sa.update(runners)
-            .where(runners.c.id.in_(ids))
+            sa.update(table)
+            .where(table.c.id.in_(ids[start : start + RENEW_SLICE]))
             .values(last_seen=now, online_until=now + lease)
         )
+
+
+RENEW_SLICE = 1000
 
 
 def runner_offline(conn: Connection, runner_id: str, now: int) -> None:
