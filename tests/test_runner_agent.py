@@ -788,6 +788,27 @@ async def test_cancel_stops_a_background_child_after_the_shell_exited(
                 os.killpg(pgid, signal.SIGKILL)
 
 
+async def test_exec_ends_when_the_command_exits_and_stops_what_it_left_running(
+    agent: Agent, vagrant: vs_grpc.VagrantAsyncStub
+) -> None:
+    """A child left in the background holds the output open; the job still ends
+    with the command (after a short drain), and the child is stopped."""
+    started = time.monotonic()
+    # The shell outlives its start by a second: the runner is already waiting
+    # for it to exit when it does.
+    job_id = await queue(vagrant, exec_job("sleep 30 & echo $$; sleep 1"))
+    pgid = int(await first_output(vagrant, job_id))
+    try:
+        done = succeeded(await finished(vagrant, job_id, timeout=25))
+        assert time.monotonic() - started < 25  # not the background sleep's 30 s
+        assert done.result.run.exit_code == 0
+        await group_gone(pgid, 10)
+        assert stdout(await t.watch(vagrant, job_id)) == f"{pgid}\n"
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 # -- the local machine provider ----------------------------------------------------
 
 

@@ -55,7 +55,7 @@ async def exec_command(ctx: CommandContext) -> int:
         asyncio.ensure_future(_pump(proc.stderr, ctx, stderr=True)),
     ]
     cancelled = asyncio.ensure_future(ctx.cancelled.wait())
-    exited = asyncio.ensure_future(proc.wait())
+    exited = asyncio.ensure_future(_exit(proc))
     try:
         await asyncio.wait({cancelled, exited}, return_when=asyncio.FIRST_COMPLETED)
         if not exited.done():
@@ -69,11 +69,20 @@ async def exec_command(ctx: CommandContext) -> int:
         return proc.returncode if proc.returncode is not None else -1
     finally:
         cancelled.cancel()
+        exited.cancel()
         _signal_group(proc.pid, signal.SIGKILL)  # a forced cancel, or leftovers: no grace
-        if proc.returncode is None:
-            await proc.wait()
+        await _exit(proc)
         for pump in pumps:
             pump.cancel()
+
+
+async def _exit(proc: asyncio.subprocess.Process) -> int:
+    """The command's exit status, once it has exited. Not `proc.wait()`: on
+    Python 3.11 that also waits for its output pipes to close, which a child
+    left in the background holds open for as long as it lives."""
+    while proc.returncode is None:  # noqa: ASYNC110 - set by the loop's child watcher
+        await asyncio.sleep(0.05)
+    return proc.returncode
 
 
 async def _pump(stream: asyncio.StreamReader, ctx: CommandContext, *, stderr: bool) -> None:
@@ -92,12 +101,12 @@ async def _stop_group(proc: asyncio.subprocess.Process) -> None:
     _signal_group(proc.pid, signal.SIGTERM)
     try:
         async with asyncio.timeout(STOP_GRACE):
-            await proc.wait()
+            await _exit(proc)
             while _group_alive(proc.pid):  # noqa: ASYNC110 - no event for a group's end
                 await asyncio.sleep(0.05)
     except TimeoutError:
         _signal_group(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await _exit(proc)
 
 
 def _group_alive(pgid: int) -> bool:
