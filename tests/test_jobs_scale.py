@@ -365,6 +365,48 @@ async def test_a_job_handed_to_a_runner_that_just_left_goes_back_to_the_queue(
         await close_runners([leaving, staying])
 
 
+async def test_a_job_is_handed_at_queueing_only_to_a_runner_that_is_not_looking(
+    server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
+) -> None:
+    """A runner whose own assign transaction is in flight is not handed a job by
+    a queue transaction: it would find a job itself and hand the other back (a
+    queue-and-hand and a nack wasted, and the newer job run first). It is woken
+    instead, and takes the oldest job."""
+    (runner,) = await start_runners(channel, 1, "looking")
+    engine = server.engine
+    write = engine.db.write
+    writes: list[str] = []
+    looking, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_look(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        writes.append(fn.__name__)
+        if fn is job_tx.job_assign:
+            looking.set()
+            await release.wait()
+        return await write(fn, *args, **kwargs)
+
+    stream = runner.job_stream()
+    try:
+        first = await queue(vagrant, t.noop_job())
+        engine.db.write = hold_the_look  # type: ignore[method-assign]
+        await stream.request()
+        await asyncio.wait_for(looking.wait(), 60)
+        second = await queue(vagrant, t.noop_job())
+        release.set()
+        assert (await stream.assignment(timeout=60)).id == first
+        await stream.send(ack=Req.Ack())
+        await stream.complete()
+        await stream.read(timeout=60)  # the end of the stream: the job is done
+        assert "job_queue_and_hand" not in writes, writes
+        assert "job_nack" not in writes, writes
+        shown = await vagrant.GetJob(vs.GetJobRequest(job_id=second))
+        assert shown.state == Job.QUEUED
+    finally:
+        engine.db.write = write  # type: ignore[method-assign]
+        stream.call.cancel()
+        await close_runners([runner])
+
+
 async def test_a_runner_with_nothing_to_do_parks_without_a_write_transaction(
     server: RunningServer, vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel
 ) -> None:

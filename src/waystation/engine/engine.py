@@ -52,6 +52,7 @@ class Waiter:
     by_id_only: bool
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     parked: bool = True  # False once next_job has returned or given up
+    sleeping: bool = False  # in wake.wait(), not looking at the queue itself
     reserved: bool = False  # a queue transaction is assigning to it right now
     handed: vs.Job | None = None  # assigned by a queue transaction, not yet taken
 
@@ -125,7 +126,7 @@ class JobEngine:
         commit (one transaction and no wake-up round trip, the common case)."""
         expiry = to_us(expires_in) if expires_in is not None else None
         runner = job.target_runner.id.id.lower() if job.target_runner.HasField("id") else None
-        waiter = self._idle_waiter(runner)
+        waiter = self._idle_waiter(runner, sleeping_only=True)
         handed: vs.Job | None = None
         if waiter is None:
             job_id = await self.db.write(job_tx.job_queue, job, now_us(), expiry)
@@ -226,7 +227,7 @@ class JobEngine:
                 ):
                     # Nothing to take: park without a write. (Where reads are
                     # not this cheap, the assign transaction is the look.)
-                    await waiter.wake.wait()
+                    await _sleep(waiter)
                     continue
                 assigning = asyncio.ensure_future(
                     self.db.write(
@@ -251,7 +252,7 @@ class JobEngine:
                     return job
                 # No poll of its own: the housekeeping poll looks for work queued
                 # elsewhere once for all waiters, so 10,000 idle runners cost nothing.
-                await waiter.wake.wait()
+                await _sleep(waiter)
         finally:
             waiter.parked = False
             self._waiters.remove(waiter)
@@ -516,14 +517,22 @@ class JobEngine:
 
     # -- wake-ups ------------------------------------------------------------
 
-    def _idle_waiter(self, runner_id: str | None) -> Waiter | None:
-        """An idle waiter that may take a job aimed at `runner_id` (None: any)."""
+    def _idle_waiter(self, runner_id: str | None, *, sleeping_only: bool = False) -> Waiter | None:
+        """An idle waiter that may take a job aimed at `runner_id` (None: any):
+        one asleep if any. One that is looking (its assign transaction in flight)
+        may have looked too early, so a wake-up still goes to it if none sleeps;
+        but a job is only handed to one asleep, or the job it finds itself would
+        make the handed one go back (a wasted transaction each way)."""
+        looking = None
         for waiter in self._waiters:
             if waiter.wake.is_set() or waiter.reserved or waiter.handed is not None:
                 continue
             if waiter.runner_id == runner_id or (runner_id is None and not waiter.by_id_only):
-                return waiter
-        return None
+                if waiter.sleeping:
+                    return waiter
+                if looking is None and not sleeping_only:
+                    looking = waiter
+        return looking
 
     def _wake_for(self, runner_id: str | None) -> None:
         """Wake one idle waiter that may take a job aimed at `runner_id` (None: any)."""
@@ -622,3 +631,11 @@ async def _wait_any(seconds: float | None, *events: asyncio.Event) -> None:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("background wake-up failed", exc_info=task.exception())
+
+
+async def _sleep(waiter: Waiter) -> None:
+    waiter.sleeping = True
+    try:
+        await waiter.wake.wait()
+    finally:
+        waiter.sleeping = False
