@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from grpc import aio
 
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server.app import RunningServer
+from waystation.store import provisioning as prov_tx
 from waystation.testing import (
     echo_template,
     expect_status,
@@ -180,3 +182,37 @@ async def test_bad_archives_are_refused(prov: pv_grpc.ProvisioningAsyncStub) -> 
         "leaves the archive's root",
     )
     assert list((await prov.ListTemplates(pv.ListTemplatesRequest())).templates) == []
+
+
+async def test_listing_workspaces_takes_the_same_queries_for_two_or_twenty(
+    server: RunningServer, prov: pv_grpc.ProvisioningAsyncStub, daemon: object
+) -> None:
+    """A listing reads templates, latest builds and their jobs in one query each,
+    not one per workspace (it used to run four per workspace, on the event loop)."""
+    await push(prov, name="base", archive=echo_template(resources=[vm(0)]))
+    queries: list[int] = []
+    for total in (2, 20):
+        owner = f"owner-{total}"
+        builds = {}
+        for i in range(total):
+            created = await prov.CreateWorkspace(
+                pv.CreateWorkspaceRequest(name=f"ws-{i}", owner=owner, template="base")
+            )
+            builds[created.workspace.id] = created.build.job_id
+        listed = await prov.ListWorkspaces(pv.ListWorkspacesRequest(owner=owner))
+        assert len(listed.workspaces) == total
+        for workspace in listed.workspaces:
+            assert workspace.template_name == "base"
+            assert workspace.latest_build.build_number == 1
+            assert workspace.latest_build.job.id == builds[workspace.id]
+        statements: list[str] = []
+
+        def count(*args: object, seen: list[str] = statements) -> None:
+            seen.append(str(args[2]))
+
+        with server.store.db._read_engine.connect() as conn:
+            sa.event.listen(conn, "before_cursor_execute", count)
+            again = prov_tx.workspace_list(conn, owner, False)
+        assert [w.id for w in again] == [w.id for w in listed.workspaces]
+        queries.append(len(statements))
+    assert queries[0] == queries[1], queries

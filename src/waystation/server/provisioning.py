@@ -85,7 +85,10 @@ class ProvisioningService:
     async def ListWorkspaces(
         self, request: pv.ListWorkspacesRequest, context: Ctx
     ) -> pv.ListWorkspacesResponse:
-        found = await self.db.read(prov_tx.workspace_list, request.owner, request.include_deleted)
+        # A listing may be long: off the event loop, like job listings.
+        found = await self.db.read_bulk(
+            prov_tx.workspace_list, request.owner, request.include_deleted
+        )
         return pv.ListWorkspacesResponse(workspaces=found)
 
     @rpc

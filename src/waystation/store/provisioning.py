@@ -36,7 +36,7 @@ from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import jobs as job_tx
 from waystation.store.prepared import Prepared
-from waystation.store.runners import renew_leases
+from waystation.store.runners import in_slices, renew_leases
 from waystation.store.schema import (
     jobs,
     provisioner_daemons,
@@ -406,7 +406,7 @@ def workspace_build(
     conn.execute(sa.select(workspaces.c.id).where(workspaces.c.id == row.id).with_for_update())
     if row.deleted_at is not None:
         raise FailedPrecondition(f"workspace {row.name} is deleted")
-    previous = _latest_build_row(conn, row.id)
+    previous = _latest_build_rows(conn, [row.id]).get(row.id)
     if previous is not None:
         state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == previous.job_id)).scalar()
         if state not in FINAL:
@@ -542,21 +542,49 @@ def _template_name(conn: Connection, template_id: str) -> str:
     )
 
 
-def _latest_build_row(conn: Connection, workspace_id: str) -> Row[tuple[object, ...]] | None:
-    return conn.execute(
-        sa.select(workspace_builds)
-        .where(workspace_builds.c.workspace_id == workspace_id)
-        .order_by(workspace_builds.c.build_number.desc())
-        .limit(1)
-    ).first()
+def _latest_build_rows(
+    conn: Connection, workspace_ids: list[str]
+) -> dict[str, Row[tuple[object, ...]]]:
+    """Each workspace's newest build (workspaces without one are absent)."""
+    found: dict[str, Row[tuple[object, ...]]] = {}
+    for chunk in in_slices(workspace_ids):
+        newest = (
+            sa.select(
+                workspace_builds.c.workspace_id,
+                sa.func.max(workspace_builds.c.build_number).label("build_number"),
+            )
+            .where(workspace_builds.c.workspace_id.in_(chunk))
+            .group_by(workspace_builds.c.workspace_id)
+            .subquery()
+        )
+        query = sa.select(workspace_builds).join(
+            newest,
+            sa.and_(
+                workspace_builds.c.workspace_id == newest.c.workspace_id,
+                workspace_builds.c.build_number == newest.c.build_number,
+            ),
+        )
+        found.update((row.workspace_id, row) for row in conn.execute(query))
+    return found
 
 
 def _build_message(conn: Connection, row: Row[tuple[object, ...]]) -> pv.WorkspaceBuild:
-    build = pv.WorkspaceBuild.FromString(row.data)
-    build.daily_cost = row.daily_cost
-    build.state_size = len(row.state or b"")
-    build.job.CopyFrom(job_get(conn, row.job_id))
-    return build
+    return _build_messages(conn, [row])[0]
+
+
+def _build_messages(
+    conn: Connection, rows: list[Row[tuple[object, ...]]]
+) -> list[pv.WorkspaceBuild]:
+    """Builds with their jobs, in one query for all the jobs."""
+    jobs_by_id = _jobs_by_id(conn, [row.job_id for row in rows])
+    builds = []
+    for row in rows:
+        build = pv.WorkspaceBuild.FromString(row.data)
+        build.daily_cost = row.daily_cost
+        build.state_size = len(row.state or b"")
+        build.job.CopyFrom(jobs_by_id[row.job_id])
+        builds.append(build)
+    return builds
 
 
 def build_get(conn: Connection, build_id: str) -> pv.WorkspaceBuild:
@@ -566,24 +594,38 @@ def build_get(conn: Connection, build_id: str) -> pv.WorkspaceBuild:
     return _build_message(conn, row)
 
 
-def _workspace_message(conn: Connection, row: Row[tuple[object, ...]]) -> pv.Workspace:
-    workspace = pv.Workspace(
-        id=row.id,
-        name=row.name,
-        owner=row.owner,
-        template_id=row.template_id,
-        template_name=_template_name(conn, row.template_id),
-        deleted=row.deleted_at is not None,
-    )
-    workspace.created_at.FromMicroseconds(row.created_at)
-    latest = _latest_build_row(conn, row.id)
-    if latest is not None:
-        workspace.latest_build.CopyFrom(_build_message(conn, latest))
-    return workspace
+def _workspace_messages(
+    conn: Connection, rows: list[Row[tuple[object, ...]]]
+) -> list[pv.Workspace]:
+    """Workspaces with their template's name and latest build: the same few
+    queries for one workspace or ten thousand (listings run them all)."""
+    template_ids = sorted({str(row.template_id) for row in rows})
+    names: dict[str, str] = {}
+    for chunk in in_slices(template_ids):
+        query = sa.select(templates.c.id, templates.c.name).where(templates.c.id.in_(chunk))
+        names.update((t.id, t.name) for t in conn.execute(query))
+    latest = _latest_build_rows(conn, [row.id for row in rows])
+    builds = dict(zip(latest, _build_messages(conn, list(latest.values())), strict=True))
+    workspaces_out = []
+    for row in rows:
+        workspace = pv.Workspace(
+            id=row.id,
+            name=row.name,
+            owner=row.owner,
+            template_id=row.template_id,
+            template_name=names[row.template_id],
+            deleted=row.deleted_at is not None,
+        )
+        workspace.created_at.FromMicroseconds(row.created_at)
+        if row.id in builds:
+            workspace.latest_build.CopyFrom(builds[row.id])
+        workspaces_out.append(workspace)
+    return workspaces_out
 
 
 def workspace_get(conn: Connection, workspace_id: str) -> pv.Workspace:
-    return _workspace_message(conn, _workspace_row(conn, pv.WorkspaceRef(id=workspace_id)))
+    row = _workspace_row(conn, pv.WorkspaceRef(id=workspace_id))
+    return _workspace_messages(conn, [row])[0]
 
 
 def workspace_show(conn: Connection, ref: pv.WorkspaceRef) -> pv.GetWorkspaceResponse:
@@ -594,7 +636,7 @@ def workspace_show(conn: Connection, ref: pv.WorkspaceRef) -> pv.GetWorkspaceRes
         .order_by(workspace_builds.c.build_number.desc())
     ).all()
     return pv.GetWorkspaceResponse(
-        workspace=_workspace_message(conn, row), builds=[_build_message(conn, r) for r in rows]
+        workspace=_workspace_messages(conn, [row])[0], builds=_build_messages(conn, list(rows))
     )
 
 
@@ -604,7 +646,7 @@ def workspace_list(conn: Connection, owner: str, include_deleted: bool) -> list[
         query = query.where(workspaces.c.owner == owner)
     if not include_deleted:
         query = query.where(workspaces.c.deleted_at.is_(None))
-    return [_workspace_message(conn, r) for r in conn.execute(query).all()]
+    return _workspace_messages(conn, list(conn.execute(query).all()))
 
 
 def dry_run(conn: Connection, request: pv.DryRunRequest, now: int) -> tuple[str, Queued]:
@@ -1129,6 +1171,15 @@ def job_get(conn: Connection, job_id: str) -> Job:
     if row is None:
         raise NotFound("provisioner job not found")
     return _job_message(row)
+
+
+def _jobs_by_id(conn: Connection, job_ids: list[str]) -> dict[str, Job]:
+    found: dict[str, Job] = {}
+    for chunk in in_slices(job_ids):
+        found.update(
+            (r.id, _job_message(r)) for r in conn.execute(_job_query().where(jobs.c.id.in_(chunk)))
+        )
+    return found
 
 
 def _job_message(row: Row[tuple[object, ...]]) -> Job:

@@ -8,7 +8,7 @@ dies cannot leave its runners online forever.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -44,17 +44,22 @@ def runners_renew(conn: Connection, runner_ids: Iterable[str], now: int, lease: 
 
 def renew_leases(conn: Connection, table: sa.Table, ids: list[str], now: int, lease: int) -> None:
     """Keep these rows (runners, provisioner daemons) online for another lease."""
-    # In slices: PostgreSQL takes at most 65,535 parameters a statement, many
-    # SQLite builds 32,766.
-    for start in range(0, len(ids), RENEW_SLICE):
+    for chunk in in_slices(ids):
         conn.execute(
             sa.update(table)
-            .where(table.c.id.in_(ids[start : start + RENEW_SLICE]))
+            .where(table.c.id.in_(chunk))
             .values(last_seen=now, online_until=now + lease)
         )
 
 
-RENEW_SLICE = 1000
+# Ids per IN (...) list: PostgreSQL takes at most 65,535 parameters a statement,
+# many SQLite builds 32,766.
+IN_SLICE = 1000
+
+
+def in_slices(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), IN_SLICE):
+        yield ids[start : start + IN_SLICE]
 
 
 def runner_offline(conn: Connection, runner_id: str, now: int) -> None:
