@@ -4,12 +4,12 @@ The database decides (every transition is a transaction in
 waystation.store.jobs); this module decides *when* to ask it:
 
 - Assignment: a runner waiting for work parks a Waiter. Queueing a job while
-  a fitting waiter idles assigns to it in the queue's own transaction and
-  hands it the job; otherwise a waiter woken later runs the assign
-  transaction, and one that got a job wakes the next, so a burst of jobs
-  spreads over idle runners. Every poll interval one query finds work queued
-  (or freed) by other replicas and wakes fitting waiters; waiters never poll
-  on their own.
+  a fitting waiter sleeps (parked, not running an assign of its own) assigns
+  to it in the queue's own transaction and hands it the job; otherwise a
+  waiter woken later runs the assign transaction, and one that got a job
+  wakes the next, so a burst of jobs spreads over idle runners. Every poll
+  interval one query finds work queued (or freed) by other replicas and
+  wakes fitting waiters; waiters never poll on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
   (store.provisioning) share the jobs table, states, cancel and timers.
 - Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
