@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -11,12 +14,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
+from waystation.config import sqlite_url
 from waystation.errors import AlreadyExists, WaystationError
 from waystation.store import Store
 from waystation.store import runners as runner_tx
 from waystation.store.migrate import alembic_config
 from waystation.store.prepared import Prepared
-from waystation.store.schema import bases, metadata, runners
+from waystation.store.schema import bases, metadata, projects, runners
 
 
 def _insert(conn: Connection, name: str, fail: bool) -> str:
@@ -79,6 +83,86 @@ async def test_close_finishes_queued_writes(backend_url: str) -> None:
         assert await reopened.db.read(_names) == {f"c{i}" for i in range(30)}
     finally:
         await reopened.close()
+
+
+def _thread(conn: Connection) -> threading.Thread:
+    return threading.current_thread()
+
+
+async def test_sqlite_statements_run_on_the_event_loop_and_bulk_writes_off_it(
+    backend_url: str,
+) -> None:
+    """On SQLite a write's statements run on the loop (a thread would wait for the
+    GIL after each one) and only its commit on a thread; a bulk write runs whole
+    on a thread. PostgreSQL's statements cross the network: always on threads."""
+    store = await asyncio.to_thread(Store.open, backend_url)
+    try:
+        loop_thread = threading.current_thread()
+        on_loop = backend_url.startswith("sqlite")
+        assert (await store.db.write(_thread) is loop_thread) == on_loop
+        assert await store.db.write_bulk(_thread) is not loop_thread
+        # Interleaved, every write still lands, in order.
+        results = await asyncio.gather(
+            *(
+                (store.db.write_bulk if i % 3 == 0 else store.db.write)(_insert, f"m{i}", False)
+                for i in range(30)
+            )
+        )
+        assert results == [f"m{i}" for i in range(30)]
+        assert await store.db.read(_names) == set(results)
+    finally:
+        await store.close()
+
+
+async def test_a_sqlite_write_waits_for_another_process_lock_without_stalling_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    store = await asyncio.to_thread(Store.open, sqlite_url(path))
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # as another process writing would
+        pending = asyncio.ensure_future(store.db.write(_insert, "late", False))
+        for _ in range(5):  # the loop goes on serving while the write waits
+            await asyncio.sleep(0.05)
+            assert await store.db.read(_names) == set()
+        assert not pending.done()
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(pending, 60) == "late"
+        assert await store.db.write(_insert, "next", False) == "next"
+        assert await store.db.read(_names) == {"late", "next"}
+    finally:
+        other.close()
+        await store.close()
+
+
+def _orphan(conn: Connection) -> None:
+    # A deferred foreign key: the statement passes, the COMMIT fails.
+    conn.exec_driver_sql("PRAGMA defer_foreign_keys=ON")
+    conn.execute(
+        sa.insert(projects).values(
+            resource_id="p", basis_id="none", name="p", name_key="p", path="/p", data=b""
+        )
+    )
+
+
+async def test_a_failed_sqlite_group_commit_runs_each_transaction_again_alone(
+    tmp_path: Path,
+) -> None:
+    store = await asyncio.to_thread(Store.open, sqlite_url(tmp_path / "w.db"))
+    try:
+        results = await asyncio.gather(
+            store.db.write(_insert, "before", False),
+            store.db.write(_orphan),
+            store.db.write(_insert, "after", False),
+            return_exceptions=True,
+        )
+        assert results[0] == "before" and results[2] == "after"
+        assert isinstance(results[1], sa.exc.IntegrityError)
+        assert await store.db.read(_names) == {"before", "after"}
+        assert await store.db.write(_insert, "again", False) == "again"
+    finally:
+        await store.close()
 
 
 def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> None:

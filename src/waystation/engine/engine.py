@@ -175,7 +175,7 @@ class JobEngine:
         return await self.db.read_bulk(job_tx.job_list)
 
     async def prune(self, keep: int) -> int:
-        return await self.db.write(job_tx.jobs_prune, keep)
+        return await self.db.write_bulk(job_tx.jobs_prune, keep)
 
     async def assignable(self, job: vs.Job) -> bool:
         runner = job.target_runner.id.id if job.target_runner.HasField("id") else None
@@ -495,7 +495,7 @@ class JobEngine:
                 if self._connected and loop.time() - renewed >= self.timeouts.runner_lease / 4:
                     renewed = loop.time()
                     lease = to_us(self.timeouts.runner_lease)
-                    await self.db.write(
+                    await self.db.write_bulk(
                         runner_tx.runners_renew, list(self._connected), now_us(), lease
                     )
                 if self._waiters:

@@ -1,24 +1,26 @@
 """How the store reaches the database: engines, migrations, and transactions.
 
 Every transaction is a plain synchronous function `fn(conn, *args)` that runs
-whole on a database thread, so a transaction costs one hop from the event loop
-however many statements it issues (awaiting each statement through an async
-driver costs about ten times more on SQLite).
+whole without awaiting, so it costs at most one hop from the event loop to a
+database thread however many statements it issues (awaiting each statement
+through an async driver costs about ten times more on SQLite).
 
-Writes go to writer threads that take whatever transactions are waiting and
-commit them together (group commit): one fsync serves many RPCs, and each
-transaction still runs inside its own SAVEPOINT, so one that fails rolls back
-alone. Every write has committed before its awaitable returns: persist, then
-acknowledge.
+Writes are committed together, whatever transactions are waiting at once
+(group commit): one fsync serves many RPCs, and each transaction still runs
+inside its own SAVEPOINT, so one that fails rolls back alone. Every write has
+committed before its awaitable returns: persist, then acknowledge.
 
-SQLite gets one writer (it allows no more) and WAL mode, so readers on other
-threads never wait for it. PostgreSQL gets several writers; rows that two
-replicas may contend for are locked by the transactions themselves.
+SQLite allows one writer, in WAL mode so that readers never wait for it. A
+batch's statements run on the event loop and only its commit (the fsync) on a
+thread (`_LoopWriter`). PostgreSQL gets several writer threads that run whole
+batches; rows that two replicas may contend for are locked by the
+transactions themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import queue
@@ -44,6 +46,8 @@ TxFn = Callable[Concatenate[Connection, P], T]
 
 # How many waiting transactions one commit may carry.
 MAX_BATCH = 128
+# How long a write waits for SQLite's lock held by another process.
+BUSY_TIMEOUT_MS = 30_000
 
 
 @dataclass
@@ -53,7 +57,10 @@ class _Work:
     kwargs: dict[str, Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    bulk: bool = False  # may take long: never on the event loop
 
+
+Outcome = tuple[_Work, Any, BaseException | None]  # the work, its result, or why it failed
 
 _STOP = object()
 
@@ -73,10 +80,12 @@ class Database:
         self.url = normalize_url(url)
         self.dialect = sa.make_url(self.url).get_backend_name()
         self.fsync = fsync
+        self._loop_writer: _LoopWriter | None = None
         if self.dialect == "sqlite":
             self._write_engine = self._sqlite_engine(immediate=True)
             self._read_engine = self._sqlite_engine(immediate=False)
-            writers = 1
+            self._loop_writer = _LoopWriter(self._write_engine)
+            writers = 0
             self._inline_reads = True
         elif self.dialect == "postgresql":
             writers = 4
@@ -115,7 +124,7 @@ class Database:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.close()
 
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
@@ -139,6 +148,8 @@ class Database:
         if self._closed:
             return
         self._closed = True
+        if self._loop_writer is not None:
+            await self._loop_writer.close()
         for _ in self._writers:
             self._queue.put(_STOP)
         loop = asyncio.get_running_loop()
@@ -160,12 +171,25 @@ class Database:
 
     async def write(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(conn, *args)` in a write transaction; return after commit."""
+        work = _Work(fn, args, kwargs, *_pending_on_loop())
+        self._submit(work)
+        result: T = await work.future
+        return result
+
+    async def write_bulk(self, fn: TxFn[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A write that may touch many rows (renewing every lease): never on the event loop."""
+        work = _Work(fn, args, kwargs, *_pending_on_loop(), bulk=True)
+        self._submit(work)
+        result: T = await work.future
+        return result
+
+    def _submit(self, work: _Work) -> None:
         if self._closed:
             raise RuntimeError("database is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Work(fn, args, kwargs, future, loop))
-        return await future
+        if self._loop_writer is not None:
+            self._loop_writer.submit(work)
+        else:
+            self._queue.put(work)
 
     @property
     def reads_inline(self) -> bool:
@@ -221,35 +245,162 @@ class Database:
                         self._queue.put(_STOP)  # finish this batch, then stop
                         break
                     batch.append(item)
-                conn = self._commit_batch(conn, [w for w in batch if isinstance(w, _Work)])
+                conn, outcomes = _commit_batch(conn, [w for w in batch if isinstance(w, _Work)])
+                _settle_threadsafe(outcomes)
         finally:
             conn.close()
 
-    def _commit_batch(self, conn: Connection, batch: list[_Work]) -> Connection:
-        outcomes: list[tuple[_Work, Any, BaseException | None]] = []
+
+class _LoopWriter:
+    """SQLite's writer: a batch's statements run on the event loop, its commit on a thread.
+
+    On a writer thread every statement releases the GIL around SQLite and then
+    waits to take it back from the busy event loop: measured, two thirds of
+    that thread's time went to such waits, and each write took about 10 ms to
+    come back. On the loop a statement costs only its CPU (tens of
+    microseconds); the one wait left per batch is the commit's fsync, on a
+    thread so that the loop serves RPCs meanwhile. The connection belongs to
+    whichever side holds the batch, never both. Bulk writes, and any batch
+    that cannot start at once (another process holds the lock), run whole on
+    that thread as every write used to.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+        self._pending: collections.deque[_Work] = collections.deque()
+        self._busy = False  # a batch is out: the connection is not the loop's
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-commit")
+
+    def submit(self, work: _Work) -> None:
+        self._pending.append(work)
+        if not self._busy:
+            self._busy = True
+            self._idle.clear()
+            # Next loop pass, so that the writes issued in this one share a commit.
+            work.loop.call_soon(self._next)
+
+    async def close(self) -> None:
+        await self._idle.wait()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_conn)
+        self._thread.shutdown(wait=True)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def _connection(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._engine.connect()
+            # The loop must never block on a lock: BEGIN fails at once instead
+            # (and the batch goes to the thread, which waits as long as it takes).
+            _driver(self._conn, "PRAGMA busy_timeout=0")
+        return self._conn
+
+    def _next(self) -> None:
+        if not self._pending:
+            self._busy = False
+            self._idle.set()
+            return
+        loop = self._pending[0].loop
+        batch = [self._pending.popleft()]
+        if not batch[0].bulk:
+            while self._pending and len(batch) < MAX_BATCH and not self._pending[0].bulk:
+                batch.append(self._pending.popleft())
+            conn = self._connection()
+            try:
+                conn.begin()
+                outcomes = _run_batch(conn, batch)
+            except Exception as exc:  # the thread rolls it back and runs it whole
+                log.info("batch of %d moves to the commit thread (%s)", len(batch), exc)
+            else:
+                done = loop.run_in_executor(self._thread, _commit, conn)
+                done.add_done_callback(functools.partial(self._committed, batch, outcomes))
+                return
+        self._to_thread(_commit_batch, batch)
+
+    def _to_thread(
+        self,
+        run: Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]],
+        batch: list[_Work],
+    ) -> None:
+        done = batch[0].loop.run_in_executor(self._thread, self._on_thread, run, batch)
+        done.add_done_callback(lambda _: self._next())
+
+    def _committed(self, batch: list[_Work], outcomes: list[Outcome], done: Any) -> None:
+        if done.exception() is None:
+            for work, result, error in outcomes:
+                _settle(work.future, result, error)
+            self._next()
+        else:  # nothing of the batch is stored: each runs again, alone
+            log.warning(
+                "group commit of %d failed (%s); retrying singly", len(batch), done.exception()
+            )
+            self._to_thread(_retry_singly, batch)
+
+    def _on_thread(
+        self,
+        run: Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]],
+        batch: list[_Work],
+    ) -> None:
+        try:
+            conn = _reconnect(self._connection())  # whatever the loop left open, undone
+            _driver(conn, f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn, outcomes = run(conn, batch)
+            _driver(conn, "PRAGMA busy_timeout=0")
+            self._conn = conn
+        except Exception as exc:  # no database to reach: every caller hears why
+            log.exception("writing a batch of %d failed", len(batch))
+            outcomes = [(work, None, exc) for work in batch]
+        _settle_threadsafe(outcomes)
+
+
+def _pending_on_loop() -> tuple[asyncio.Future[Any], asyncio.AbstractEventLoop]:
+    loop = asyncio.get_running_loop()
+    return loop.create_future(), loop
+
+
+def _commit(conn: Connection) -> None:
+    if conn.in_transaction():  # a lone transaction that failed has rolled back already
+        conn.commit()
+
+
+def _run_batch(conn: Connection, batch: list[_Work]) -> list[Outcome]:
+    """Run a batch's transactions in the open transaction; failures roll back alone."""
+    if len(batch) == 1:  # alone: the transaction itself is its savepoint
+        return [_run_alone(conn, batch[0])]
+    return [_run_in_savepoint(conn, work, alone=False) for work in batch]
+
+
+def _commit_batch(conn: Connection, batch: list[_Work]) -> tuple[Connection, list[Outcome]]:
+    """Run and commit a batch on this thread, the connection perhaps replaced."""
+    try:
+        with conn.begin():
+            return conn, _run_batch(conn, batch)
+    except Exception as exc:  # the commit itself failed: retry one by one
+        if not _transient(exc):
+            log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
+        return _retry_singly(_reconnect(conn), batch)
+
+
+def _retry_singly(conn: Connection, batch: list[_Work]) -> tuple[Connection, list[Outcome]]:
+    outcomes = []
+    for work in batch:
         try:
             with conn.begin():
-                if len(batch) == 1:  # alone: the transaction itself is its savepoint
-                    outcomes.append(_run_alone(conn, batch[0]))
-                else:
-                    for work in batch:
-                        outcomes.append(_run_in_savepoint(conn, work, alone=False))
-        except Exception as exc:  # the commit itself failed: retry one by one
-            if not _transient(exc):
-                log.warning("group commit of %d failed (%s); retrying singly", len(batch), exc)
+                outcome = _run_in_savepoint(conn, work)
+        except Exception as single_exc:
+            outcome = (work, None, single_exc)
             conn = _reconnect(conn)
-            outcomes = []
-            for work in batch:
-                try:
-                    with conn.begin():
-                        outcome = _run_in_savepoint(conn, work)
-                except Exception as single_exc:
-                    outcome = (work, None, single_exc)
-                    conn = _reconnect(conn)
-                outcomes.append(outcome)
-        for work, result, error in outcomes:
-            work.loop.call_soon_threadsafe(_settle, work.future, result, error)
-        return conn
+        outcomes.append(outcome)
+    return conn, outcomes
+
+
+def _settle_threadsafe(outcomes: list[Outcome]) -> None:
+    for work, result, error in outcomes:
+        work.loop.call_soon_threadsafe(_settle, work.future, result, error)
 
 
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction
@@ -263,9 +414,7 @@ def _transient(exc: BaseException) -> bool:
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in _TRANSIENT
 
 
-def _run_in_savepoint(
-    conn: Connection, work: _Work, *, alone: bool = True
-) -> tuple[_Work, Any, BaseException | None]:
+def _run_in_savepoint(conn: Connection, work: _Work, *, alone: bool = True) -> Outcome:
     for attempt in range(1, _ATTEMPTS + 1):
         # Straight to the driver: SQLAlchemy's begin_nested costs more than
         # most of the transactions it would wrap.
@@ -297,7 +446,7 @@ def _driver(conn: Connection, sql: str) -> None:
     conn.connection.dbapi_connection.cursor().execute(sql)  # type: ignore[union-attr]
 
 
-def _run_alone(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
+def _run_alone(conn: Connection, work: _Work) -> Outcome:
     try:
         return work, work.fn(conn, *work.args, **work.kwargs), None
     except Exception as exc:
@@ -316,8 +465,10 @@ def _name(work: _Work) -> str:
 def _reconnect(conn: Connection) -> Connection:
     if not conn.invalidated and not conn.closed:
         try:
-            if conn.in_transaction():
-                conn.rollback()
+            conn.rollback()
+            # SQLAlchemy forgets a transaction whose COMMIT failed, but SQLite
+            # keeps it open (a deferred constraint, a full disk): end it there.
+            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
             return conn
         except Exception:
             log.exception("connection unusable; reconnecting")
