@@ -61,6 +61,8 @@ class _Work:
 
 
 Outcome = tuple[_Work, Any, BaseException | None]  # the work, its result, or why it failed
+# Runs a batch on a thread's connection (perhaps replacing it): _commit_batch, _retry_singly.
+BatchRun = Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]]
 
 _STOP = object()
 
@@ -316,35 +318,30 @@ class _LoopWriter:
             except Exception as exc:  # the thread rolls it back and runs it whole
                 log.info("batch of %d moves to the commit thread (%s)", len(batch), exc)
             else:
-                done = loop.run_in_executor(self._thread, _commit, conn)
-                done.add_done_callback(functools.partial(self._committed, batch, outcomes))
+                if not conn.in_transaction():  # a lone one failed and rolled back
+                    loop.call_soon(self._committed, batch, outcomes, None)
+                    return
+                done = loop.run_in_executor(self._thread, conn.commit)
+                done.add_done_callback(lambda f: self._committed(batch, outcomes, f.exception()))
                 return
         self._to_thread(_commit_batch, batch)
 
-    def _to_thread(
-        self,
-        run: Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]],
-        batch: list[_Work],
-    ) -> None:
+    def _to_thread(self, run: BatchRun, batch: list[_Work]) -> None:
         done = batch[0].loop.run_in_executor(self._thread, self._on_thread, run, batch)
         done.add_done_callback(lambda _: self._next())
 
-    def _committed(self, batch: list[_Work], outcomes: list[Outcome], done: Any) -> None:
-        if done.exception() is None:
+    def _committed(
+        self, batch: list[_Work], outcomes: list[Outcome], failed: BaseException | None
+    ) -> None:
+        if failed is None:
             for work, result, error in outcomes:
                 _settle(work.future, result, error)
             self._next()
         else:  # nothing of the batch is stored: each runs again, alone
-            log.warning(
-                "group commit of %d failed (%s); retrying singly", len(batch), done.exception()
-            )
+            log.warning("group commit of %d failed (%s); retrying singly", len(batch), failed)
             self._to_thread(_retry_singly, batch)
 
-    def _on_thread(
-        self,
-        run: Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]],
-        batch: list[_Work],
-    ) -> None:
+    def _on_thread(self, run: BatchRun, batch: list[_Work]) -> None:
         try:
             conn = _reconnect(self._connection())  # whatever the loop left open, undone
             _driver(conn, f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -360,11 +357,6 @@ class _LoopWriter:
 def _pending_on_loop() -> tuple[asyncio.Future[Any], asyncio.AbstractEventLoop]:
     loop = asyncio.get_running_loop()
     return loop.create_future(), loop
-
-
-def _commit(conn: Connection) -> None:
-    if conn.in_transaction():  # a lone transaction that failed has rolled back already
-        conn.commit()
 
 
 def _run_batch(conn: Connection, batch: list[_Work]) -> list[Outcome]:
