@@ -64,8 +64,8 @@ def report(results: Results, options: Options) -> str:
         f"fsync {'on' if options.fsync else 'off'}.",
         "",
         "| scenario | measure | value | unit | vs ceiling | vs protocol floor "
-        "| vs Celery | vs procrastinate | note |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| vs Celery | vs procrastinate | machine CPU a job | machine busy | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for f in results.figures:
         per_second = f.unit.endswith("/s")
@@ -78,6 +78,8 @@ def report(results: Results, options: Options) -> str:
             f"{_ratio(f.value, floor) if per_second and f.scenario == 'jobs' else ''} | "
             f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
             f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
+            f"{f'{f.cpu.ms_per_item:.2f} ms' if f.cpu else ''} | "
+            f"{f'{f.cpu.busy:.0%}' if f.cpu else ''} | "
             f"{f.note} |"
         )
     notes = Path(__file__).with_name("NOTES.md")

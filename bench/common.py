@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import Spent
 from waystation.testing import ServerProcess
 
 # Clients run in processes of their own, like real deployments.
@@ -38,16 +39,26 @@ class Figure:
     value: float
     unit: str
     note: str = ""
+    cpu: Spent | None = None  # the machine's CPU over the measured window
 
 
 @dataclass
 class Results:
     figures: list[Figure] = field(default_factory=list)
 
-    def add(self, scenario: str, name: str, value: float, unit: str, note: str = "") -> Figure:
-        figure = Figure(scenario, name, value, unit, note)
+    def add(
+        self,
+        scenario: str,
+        name: str,
+        value: float,
+        unit: str,
+        note: str = "",
+        cpu: Spent | None = None,
+    ) -> Figure:
+        figure = Figure(scenario, name, value, unit, note, cpu)
         self.figures.append(figure)
-        print(f"  {scenario:9} {name:44} {value:>12,.1f} {unit} {note}", flush=True)
+        used = f" [{cpu.ms_per_item:.2f} ms CPU each, {cpu.busy:.0%} busy]" if cpu else ""
+        print(f"  {scenario:9} {name:44} {value:>12,.1f} {unit} {note}{used}", flush=True)
         return figure
 
     def get(self, scenario: str, name: str) -> float | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from grpc import aio
 
+from bench import cpu
 from bench.common import CTX, Options, Results, percentile, run_async_in_process, waystation_server
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -172,17 +173,18 @@ def _wait_done(done: Any, count: int, timeout: float) -> float:
     return time.perf_counter()
 
 
-def throughput(options: Options, results: Results, streams: int) -> float:
+def throughput(options: Options, results: Results, streams: int) -> None:
     count = options.scale(5000, 1000)
     with waystation_server(options) as server:
-        rate = jobs_per_second(server.address, streams, count)
-    results.add("jobs", f"noop jobs/s, {streams} runner streams", rate, "jobs/s", f"{count} jobs")
-    return rate
+        rate, used = jobs_per_second(server.address, streams, count)
+    name = f"noop jobs/s, {streams} runner streams"
+    results.add("jobs", name, rate, "jobs/s", f"{count} jobs", used)
 
 
-def jobs_per_second(address: str, streams: int, count: int) -> float:
+def jobs_per_second(address: str, streams: int, count: int) -> tuple[float, cpu.Spent]:
     """Queue `count` noop jobs to the server at `address`, run them on `streams`
-    runner streams; jobs/s from the first queued to the last completed."""
+    runner streams; jobs/s from the first queued to the last completed, and
+    what the machine spent meanwhile."""
     done, stop = CTX.Value("i", 0), CTX.Event()
     procs = _start_runners(address, streams, done, stop)
     time.sleep(1.0 + streams * 0.02)  # let every runner register and wait
@@ -190,14 +192,15 @@ def jobs_per_second(address: str, streams: int, count: int) -> float:
         # The queuer process starts (and imports) before the clock does, as
         # the peers' producers do.
         pool.apply(_warm)
-        start = time.perf_counter()
+        before, start = cpu.sample(), time.perf_counter()
         queued = pool.apply_async(run_async_in_process, (queue_jobs, address, count, 64, 0.0))
         end = _wait_done(done, count, 600)
+        after = cpu.sample()
         queued.get(60)
     stop.set()
     for p in procs:
         p.join(10)
-    return count / (end - start)
+    return count / (end - start), cpu.spent(before, after, count)
 
 
 def latency(options: Options, results: Results) -> None:

@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from bench.common import Options, Results
+from bench.cpu import Spent
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_THROWAWAY = ROOT / "scripts" / "pg-throwaway"
@@ -94,8 +95,11 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _produce(script: Path, count: int, cwd: str, env: dict[str, str], logs: list[Path]) -> float:
-    """Run the producer; it prints the measured rate (jobs/s) as its last line."""
+def _produce(
+    script: Path, count: int, cwd: str, env: dict[str, str], logs: list[Path]
+) -> tuple[float, Spent]:
+    """Run the producer; its last line is the measured rate (jobs/s) and the
+    machine's CPU over the same window (ms a job, busy share)."""
     try:
         out = subprocess.run(
             [sys.executable, str(script), str(count)],
@@ -109,7 +113,13 @@ def _produce(script: Path, count: int, cwd: str, env: dict[str, str], logs: list
     except subprocess.CalledProcessError as exc:
         tails = "\n".join(f"--- {log.name}\n{_tail(log)}" for log in logs)
         raise RuntimeError(f"{script.name} failed:\n{exc.stderr}\n{tails}") from None
-    return float(out.stdout.strip().splitlines()[-1])
+    rate, ms_per_job, busy = map(float, out.stdout.strip().splitlines()[-1].split())
+    return rate, Spent(ms_per_job, busy)
+
+
+def _env(tmp: str) -> dict[str, str]:
+    """The app module from `tmp`; bench.cpu from this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join((tmp, str(ROOT)))}
 
 
 # -- Celery + Redis ----------------------------------------------------------------
@@ -134,14 +144,16 @@ import time
 
 from celery.result import ResultSet
 
+from bench import cpu
 from bench_celery import noop
 
 count = int(sys.argv[1])
 ResultSet([noop.delay() for _ in range({workers})]).join_native(timeout=120)  # warm-up
-start = time.perf_counter()
+before, start = cpu.sample(), time.perf_counter()
 results = ResultSet([noop.delay() for _ in range(count)])
 results.join_native(timeout={timeout})  # every task's result is in the backend
-print(count / (time.perf_counter() - start))
+rate, used = count / (time.perf_counter() - start), cpu.spent(before, cpu.sample(), count)
+print(rate, used.ms_per_item, used.busy)
 """
 
 
@@ -151,7 +163,7 @@ def celery(options: Options, results: Results, count: int) -> None:
     port = _free_port()
     persist = ["--appendonly", "yes", "--appendfsync", "always"] if options.fsync else []
     with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
-        env = {**os.environ, "PYTHONPATH": tmp}
+        env = _env(tmp)
         Path(tmp, "bench_celery.py").write_text(CELERY_APP.format(port=port))
         producer = Path(tmp, "produce.py")
         producer.write_text(CELERY_PRODUCER.format(workers=WORKERS, timeout=TIMEOUT))
@@ -164,7 +176,7 @@ def celery(options: Options, results: Results, count: int) -> None:
         with _process(redis, redis_log, tmp, env):
             _wait_port(port)
             with _process(worker, worker_log, tmp, env):
-                rate = _produce(producer, count, tmp, env, [worker_log, redis_log])
+                rate, used = _produce(producer, count, tmp, env, [worker_log, redis_log])
     persistence = "AOF fsync always" if options.fsync else "no persistence"
     results.add(
         "peers",
@@ -172,6 +184,7 @@ def celery(options: Options, results: Results, count: int) -> None:
         rate,
         "jobs/s",
         f"{count} tasks, prefork {WORKERS}, results in Redis, {persistence}",
+        used,
     )
 
 
@@ -198,6 +211,7 @@ import asyncio
 import sys
 import time
 
+from bench import cpu
 from bench_procrastinate import app, noop
 
 DONE = "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, "
@@ -221,7 +235,7 @@ async def main(count):
     async with app.open_async():
         await asyncio.gather(*(noop.defer_async() for _ in range({workers})))  # warm-up
         await until_done({workers}, 120)
-        start = time.perf_counter()
+        before, start = cpu.sample(), time.perf_counter()
         left = count
 
         async def queuer():
@@ -232,7 +246,9 @@ async def main(count):
 
         await asyncio.gather(*(queuer() for _ in range({inflight})))
         await until_done({workers} + count, {timeout})
-        print(count / (time.perf_counter() - start))
+        rate = count / (time.perf_counter() - start)
+        used = cpu.spent(before, cpu.sample(), count)
+        print(rate, used.ms_per_item, used.busy)
 
 
 asyncio.run(main(int(sys.argv[1])))
@@ -274,7 +290,7 @@ def _postgres(options: Options) -> Iterator[str]:
 def procrastinate(options: Options, results: Results, count: int) -> None:
     _pip("procrastinate>=3,<4")
     with _postgres(options) as url, tempfile.TemporaryDirectory(prefix="bench-proc-") as tmp:
-        env = {**os.environ, "PYTHONPATH": tmp}
+        env = _env(tmp)
         Path(tmp, "bench_procrastinate.py").write_text(
             PROCRASTINATE_APP.format(url=url, pool=WORKERS + 2)
         )
@@ -291,7 +307,7 @@ def procrastinate(options: Options, results: Results, count: int) -> None:
         worker_log = Path(tmp, "worker.log")
         worker = [*cli, "worker", "--concurrency", str(WORKERS)]
         with _process(worker, worker_log, tmp, env):
-            rate = _produce(producer, count, tmp, env, [worker_log])
+            rate, used = _produce(producer, count, tmp, env, [worker_log])
     durability = "fsync on" if options.fsync else "fsync off"
     results.add(
         "peers",
@@ -299,6 +315,7 @@ def procrastinate(options: Options, results: Results, count: int) -> None:
         rate,
         "jobs/s",
         f"{count} jobs, concurrency {WORKERS}, PostgreSQL 15 {durability}",
+        used,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from grpc import aio
 
+from bench import cpu
 from bench.common import CTX, Options, Results, run_async_in_process, waystation_server
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
@@ -115,21 +116,20 @@ def throughput(options: Options, results: Results, daemons: int) -> None:
             p.start()
         while ready.value < len(procs):
             time.sleep(0.01)
-        start = time.perf_counter()
+        before, start = cpu.sample(), time.perf_counter()
         go.set()
         deadline = start + 900
         while done.value < count:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"only {done.value} of {count} imports finished")
             time.sleep(0.005)
-        end = time.perf_counter()
+        end, after = time.perf_counter(), cpu.sample()
         stop.set()
         for p in procs:
             p.join(10)
     note = f"{count} imports, 20 log lines each"
-    results.add(
-        "provision", f"import jobs/s, {daemons} daemons", count / (end - start), "jobs/s", note
-    )
+    rate, used = count / (end - start), cpu.spent(before, after, count)
+    results.add("provision", f"import jobs/s, {daemons} daemons", rate, "jobs/s", note, used)
 
 
 def run(options: Options, results: Results) -> None:
