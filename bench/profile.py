@@ -80,7 +80,7 @@ def main() -> int:
     header = [
         f"# Server profile: `jobs`, {args.streams} runner streams, {args.jobs} noop jobs",
         "",
-        f"`python -m bench.profile {' '.join(sys.argv[1:])}` on {info['cores']} cores, "
+        f"`{' '.join(['python -m bench.profile', *sys.argv[1:]])}` on {info['cores']} cores, "
         f"Python {info['python']}, SQLite with fsync. Under sampling: {rate:,.0f} jobs/s, "
         f"the machine {used.busy:.0%} busy at {used.ms_per_item:.2f} ms of CPU a job.",
         f"py-spy at {RATE} Hz for {seconds:.1f} s (plus its 1 s start); a thread's busy "
