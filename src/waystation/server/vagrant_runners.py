@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from grpc import aio
@@ -115,13 +114,10 @@ class RunnerRPCs:
 
             # Steps 4 and 5.
             async with self.engine.output_writer(job.id) as output:
-                handler = asyncio.current_task()
-                assert handler is not None  # gRPC runs each handler in a task
-                run = _Run(handler)
-                watcher = asyncio.ensure_future(self._watch_cancel(acked, changed, context, run))
-                watcher.add_done_callback(run.watcher_ended)
+                ending = asyncio.Event()  # set once the runner itself ends the job
+                watcher = asyncio.ensure_future(self._watch_cancel(acked, changed, context, ending))
                 try:
-                    await self._run(job.id, runner_id, requests, output, run)
+                    await self._run(job.id, runner_id, requests, output, watcher, ending)
                 finally:
                     watcher.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -133,37 +129,38 @@ class RunnerRPCs:
         runner_id: str,
         requests: AsyncIterator[Request],
         output: OutputAppender,
-        run: _Run,
+        watcher: asyncio.Future[None],
+        ending: asyncio.Event,
     ) -> None:
         reader = aiter(requests)
-        while not run.stopped:
-            # Read in this task: a task per message (to race the read against
-            # the cancel watcher) cost more than the message itself. The
-            # watcher's end interrupts only this wait, never a message's handling.
-            run.reading = True
+        while True:
+            step: asyncio.Future[Any] = asyncio.ensure_future(anext(reader))
+            step.add_done_callback(_consume)
             try:
-                message = await anext(reader)
+                await asyncio.wait((step, watcher), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                forced = not step.done()
+                if forced:  # force-cancelled (or we are): stop listening
+                    step.cancel()
+            if forced:
+                return
+            try:
+                message = step.result()
             except StopAsyncIteration:
                 await output.flush()
                 return  # runner went away; the heartbeat timeout will end the job
-            except asyncio.CancelledError:
-                if run.stopped and run.task.uncancel() == 0:
-                    return  # force-cancelled (or the watcher failed): stop listening
-                raise
-            finally:
-                run.reading = False
             kind = message.WhichOneof("event")
             if kind == "terminal":
                 output.append(message.terminal)
             elif kind == "heartbeat":
                 await self.engine.heartbeat(job_id, runner_id)
             elif kind == "complete":
-                run.ending = True
+                ending.set()
                 await output.flush()
                 await self.engine.complete(job_id, runner_id, result=message.complete.result)
                 return
             elif kind == "error":
-                run.ending = True
+                ending.set()
                 await output.flush()
                 await self.engine.complete(job_id, runner_id, error=message.error.error)
                 return
@@ -171,12 +168,12 @@ class RunnerRPCs:
                 raise FailedPrecondition(f"unexpected event while running: {kind}")
 
     async def _watch_cancel(
-        self, job: vs.Job, changed: asyncio.Event, context: Ctx, run: _Run
+        self, job: vs.Job, changed: asyncio.Event, context: Ctx, ending: asyncio.Event
     ) -> None:
         """Send Cancel when the job is cancelled; return once it was forced to end.
         `job` is its state when `changed` (its feed) was last cleared."""
         signalled = False
-        while not run.ending:
+        while not ending.is_set():
             if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
                 await context.write(Response(cancel=Response.JobCancel(force=True)))
                 return
@@ -186,24 +183,6 @@ class RunnerRPCs:
             await wait(changed, self.engine.timeouts.poll)
             changed.clear()
             job = await self.engine.get(job.id)
-
-
-@dataclass(eq=False)
-class _Run:
-    """A running job's stream, between its reader and its cancel watcher."""
-
-    task: asyncio.Task[Any]  # the stream's handler, which reads
-    reading: bool = False  # waiting for the runner's next message
-    ending: bool = False  # the runner itself is ending the job (complete, error)
-    stopped: bool = False  # the watcher ended first: forced to end, or it failed
-
-    def watcher_ended(self, watcher: asyncio.Future[None]) -> None:
-        """Stop reading (the handler then raises what the watcher raised, if anything)."""
-        if watcher.cancelled() or self.ending:
-            return
-        self.stopped = True
-        if self.reading:
-            self.task.cancel()
 
 
 async def _first(requests: AsyncIterator[Any]) -> Any:
