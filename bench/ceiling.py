@@ -13,15 +13,16 @@ do better on this machine; the gap to it is what storage and the engine cost.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import grpc
 from grpc import aio
 
 from bench import jobs
-from bench.common import CTX, Options, Results, processes, run_async_in_process
+from bench.common import CTX, Options, Results, free_port, processes, run_async_in_process
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.server.unimplemented import fill_unimplemented
@@ -143,10 +144,24 @@ def _floor_main(port: int, ready: Any, stop: Any) -> None:
     run_async_in_process(_serve_floor, port, ready, stop)
 
 
+@contextmanager
+def floor_server() -> Iterator[tuple[str, int]]:
+    """The in-memory protocol server in a process of its own: (address, pid)."""
+    port = free_port()
+    ready, stop = CTX.Event(), CTX.Event()
+    floor = CTX.Process(target=_floor_main, args=(port, ready, stop), daemon=True)
+    floor.start()
+    try:
+        ready.wait(30)
+        assert floor.pid is not None
+        yield f"127.0.0.1:{port}", floor.pid
+    finally:
+        stop.set()
+        floor.join(10)
+
+
 def run(options: Options, results: Results) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ready, stop = CTX.Event(), CTX.Event()
     server = CTX.Process(target=_server_main, args=(port, ready, stop), daemon=True)
     server.start()
@@ -160,15 +175,8 @@ def run(options: Options, results: Results) -> None:
     finally:
         stop.set()
         server.join(10)
-    ready, stop = CTX.Event(), CTX.Event()
-    floor = CTX.Process(target=_floor_main, args=(port, ready, stop), daemon=True)
-    floor.start()
-    try:
-        ready.wait(30)
+    with floor_server() as (address, _):
         count = options.scale(5000, 1000)
-        rate, used = jobs.jobs_per_second(f"127.0.0.1:{port}", 10, count)
+        rate, used = jobs.jobs_per_second(address, 10, count)
         note = "bare grpc.aio, no storage: the floor for any job server"
         results.add("ceiling", FLOOR, rate, "jobs/s", note, used)
-    finally:
-        stop.set()
-        floor.join(10)

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import platform
+import socket
 import statistics
 import tempfile
 import time
@@ -110,6 +111,12 @@ def processes(target: Callable[..., Any], arg_lists: list[tuple[Any, ...]]) -> l
     with CTX.Pool(len(arg_lists)) as pool:
         pending = [pool.apply_async(run_async_in_process, (target, *a)) for a in arg_lists]
         return [p.get(timeout=1800) for p in pending]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def machine() -> dict[str, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench.common import Options, Results
+from bench.common import Options, Results, free_port
 from bench.cpu import Spent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +52,6 @@ def _apt(binary: str, package: str) -> None:
             check=True,
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
@@ -160,7 +154,7 @@ print(rate, used.ms_per_item, used.busy)
 def celery(options: Options, results: Results, count: int) -> None:
     _pip("celery[redis]>=5,<6")
     _apt("redis-server", "redis-server")
-    port = _free_port()
+    port = free_port()
     persist = ["--appendonly", "yes", "--appendfsync", "always"] if options.fsync else []
     with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
         env = _env(tmp)

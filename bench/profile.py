@@ -1,4 +1,4 @@
-"""`python -m bench.profile [--streams N] [--jobs N]`: where the server's CPU goes in `jobs`.
+"""`python -m bench.profile [--streams N] [--jobs N] [--libraries]`: where the server CPU goes.
 
 The `jobs` workload (10 runner streams by default) against a fresh server,
 with py-spy (installed on first use, as the peers' packages are) sampling
@@ -6,6 +6,12 @@ every thread of the server process. Written to bench/profiles/: per thread,
 its busy share, what its samples were spent on by kind, and the functions
 with the most samples, own and inclusive. The throughput printed is under
 sampling, a little below the unprofiled figure.
+
+With --libraries, perf (linux-perf, installed on first use) samples the
+whole server process instead, on our server and on the protocol floor (the
+in-memory server of the `ceiling` scenario) under the same workload: the
+server's CPU a job, by library (the interpreter, gRPC's core, SQLite, the
+kernel...), side by side. That is what the floor does not pay.
 
 py-spy sees Python frames only: time in C called from a loop callback (the
 Cython of grpc.aio, asyncio's C tasks and futures) shows as the callback
@@ -23,14 +29,16 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import jobs
+from bench import ceiling, jobs
 from bench.common import Options, machine, waystation_server
-from bench.peers import _pip
+from bench.peers import _apt, _pip
 
 PROFILES = Path(__file__).parent / "profiles"
 RATE = 200  # samples a second per thread
+PERF_HZ = 999  # perf's samples a second (an odd rate, so as not to beat with timers)
 TOP = 25
 # A leaf frame's file, first match wins: what a sample was spent on.
 KINDS = [
@@ -58,7 +66,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--libraries", action="store_true", help="perf, ours against the floor")
     args = parser.parse_args()
+    if args.libraries:
+        return libraries(args.streams, args.jobs)
     spy = _py_spy()
     with tempfile.TemporaryDirectory() as tmp, waystation_server(Options(False, "")) as server:
         assert server.proc is not None
@@ -93,6 +104,75 @@ def main() -> int:
     print(text)
     print(f"written to {out}")
     return 0
+
+
+def libraries(streams: int, count: int) -> int:
+    _apt("perf", "linux-perf")
+    with waystation_server(Options(False, "")) as server:
+        assert server.proc is not None
+        ours = _perf_run(server.address, server.proc.pid, streams, count)
+    with ceiling.floor_server() as (address, pid):
+        floor = _perf_run(address, pid, streams, count)
+    info = machine()
+    lines = [
+        f"# Server CPU a job by library: `jobs`, {streams} runner streams, {count} noop jobs",
+        "",
+        f"`{' '.join(['python -m bench.profile', *sys.argv[1:]])}` on {info['cores']} cores, "
+        f"Python {info['python']}, SQLite with fsync. perf samples the server process at "
+        f"{PERF_HZ} Hz over the whole run: waystation {ours.rate:,.0f} jobs/s, the protocol "
+        f"floor (in memory, no storage) {floor.rate:,.0f} jobs/s under sampling.",
+        "",
+        "| library | waystation, ms a job | floor, ms a job | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    names = sorted(set(ours.ms) | set(floor.ms), key=lambda n: -ours.ms.get(n, 0.0))
+    for name in [n for n in names if max(ours.ms.get(n, 0), floor.ms.get(n, 0)) >= 0.005]:
+        a, b = ours.ms.get(name, 0.0), floor.ms.get(name, 0.0)
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    a, b = sum(ours.ms.values()), sum(floor.ms.values())
+    lines.append(f"| **server process** | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
+    text = "\n".join(lines) + "\n"
+    PROFILES.mkdir(exist_ok=True)
+    out = PROFILES / f"jobs-{streams}-streams-libraries.md"
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return 0
+
+
+@dataclass
+class _PerfRun:
+    rate: float  # jobs/s under sampling
+    ms: dict[str, float]  # server CPU ms a job, by library
+
+
+def _perf_run(address: str, pid: int, streams: int, count: int) -> _PerfRun:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "perf.data"
+        record = ["perf", "record", "-F", str(PERF_HZ), "-p", str(pid), "-o", str(data)]
+        sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # perf attaches
+        rate, _ = jobs.jobs_per_second(address, streams, count)
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(60)
+        report = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return _PerfRun(rate, {name: ms / count for name, ms in by_library(report).items()})
+
+
+def by_library(report: str) -> dict[str, float]:
+    """CPU milliseconds by library from `perf report --sort dso --stdio` of a
+    cpu-clock recording (its event count is in nanoseconds)."""
+    total = re.search(r"^# Event count \(approx\.\): (\d+)", report, re.M)
+    if total is None:
+        raise ValueError("no event count in the perf report")
+    ms = int(total.group(1)) / 1e6
+    shares = re.findall(r"^\s+([\d.]+)%\s+(\S+)\s*$", report, re.M)
+    return {name: float(share) / 100 * ms for share, name in shares}
 
 
 def _read(raw: Path) -> dict[str, Counter[tuple[str, ...]]]:
