@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -145,36 +145,35 @@ def _floor_main(port: int, ready: Any, stop: Any) -> None:
 
 
 @contextmanager
-def floor_server() -> Iterator[tuple[str, int]]:
-    """The in-memory protocol server in a process of its own: (address, pid)."""
+def _serving(main: Callable[[int, Any, Any], None]) -> Iterator[tuple[int, int]]:
+    """`main(port, ready, stop)` serving in a process of its own: (port, pid)."""
     port = free_port()
     ready, stop = CTX.Event(), CTX.Event()
-    floor = CTX.Process(target=_floor_main, args=(port, ready, stop), daemon=True)
-    floor.start()
-    try:
-        ready.wait(30)
-        assert floor.pid is not None
-        yield f"127.0.0.1:{port}", floor.pid
-    finally:
-        stop.set()
-        floor.join(10)
-
-
-def run(options: Options, results: Results) -> None:
-    port = free_port()
-    ready, stop = CTX.Event(), CTX.Event()
-    server = CTX.Process(target=_server_main, args=(port, ready, stop), daemon=True)
+    server = CTX.Process(target=main, args=(port, ready, stop), daemon=True)
     server.start()
     try:
         ready.wait(30)
+        assert server.pid is not None
+        yield port, server.pid
+    finally:
+        stop.set()
+        server.join(10)
+
+
+@contextmanager
+def floor_server() -> Iterator[tuple[str, int]]:
+    """The in-memory protocol server in a process of its own: (address, pid)."""
+    with _serving(_floor_main) as (port, pid):
+        yield f"127.0.0.1:{port}", pid
+
+
+def run(options: Options, results: Results) -> None:
+    with _serving(_server_main) as (port, _):
         seconds = 3.0 if options.quick else 10.0
         (count,) = processes(_unary_client, [(port, seconds, 64)])
         results.add("ceiling", UNARY, count / seconds, "calls/s")
         (pings,) = processes(_bidi_client, [(port, seconds)])
         results.add("ceiling", "bidi ping-pong, one stream", pings / seconds, "round trips/s")
-    finally:
-        stop.set()
-        server.join(10)
     with floor_server() as (address, _):
         count = options.scale(5000, 1000)
         rate, used = jobs.jobs_per_second(address, 10, count)

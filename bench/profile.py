@@ -97,9 +97,13 @@ def main() -> int:
         f"py-spy at {RATE} Hz for {seconds:.1f} s (plus its 1 s start); a thread's busy "
         "share is its samples over the samples it would have had running all the time.",
     ]
-    text = "\n".join(header + _report(stacks, seconds + 1.0)) + "\n"
+    return _write(f"jobs-{args.streams}-streams.md", header + _report(stacks, seconds + 1.0))
+
+
+def _write(name: str, lines: list[str]) -> int:
+    text = "\n".join(lines) + "\n"
     PROFILES.mkdir(exist_ok=True)
-    out = PROFILES / f"jobs-{args.streams}-streams.md"
+    out = PROFILES / name
     out.write_text(text)
     print(text)
     print(f"written to {out}")
@@ -131,13 +135,7 @@ def libraries(streams: int, count: int) -> int:
         lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
     a, b = sum(ours.ms.values()), sum(floor.ms.values())
     lines.append(f"| **server process** | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
-    text = "\n".join(lines) + "\n"
-    PROFILES.mkdir(exist_ok=True)
-    out = PROFILES / f"jobs-{streams}-streams-libraries.md"
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
-    return 0
+    return _write(f"jobs-{streams}-streams-libraries.md", lines)
 
 
 @dataclass
