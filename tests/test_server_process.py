@@ -41,6 +41,15 @@ def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "waystation.db").exists()
 
 
+def test_startup_log_says_what_happened_without_library_chatter(tmp_path: Path) -> None:
+    server = t.ServerProcess(tmp_path / "data")
+    server.start()
+    assert server.stop(signal.SIGTERM) == 0
+    log = server.output()
+    assert "Running upgrade" in log and "listening on" in log
+    assert "setup plugin" not in log  # alembic's per-plugin INFO lines on every start
+
+
 def test_acknowledged_writes_survive_kill_9(backend_url: str, tmp_path: Path) -> None:
     server = t.ServerProcess(tmp_path / "data", backend_url)
     address = server.start()

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from waystation.cli.output import configure_logging
 from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
 from waystation.durations import DurationError, parse_go_duration
 from waystation.engine.rules import Timeouts, now_us
@@ -77,9 +78,7 @@ def run(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
-    )
+    configure_logging(log_level)
     timeouts = Timeouts(
         ack=_seconds(ack_timeout, "--ack-timeout"),
         heartbeat=_seconds(heartbeat_timeout, "--heartbeat-timeout"),
