@@ -147,7 +147,9 @@ class _PerfRun:
 def _perf_run(address: str, pid: int, streams: int, count: int) -> _PerfRun:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
-        record = ["perf", "record", "-F", str(PERF_HZ), "-p", str(pid), "-o", str(data)]
+        # cpu-clock, whose event count is in nanoseconds (the default may be cycles).
+        record = ["perf", "record", "-e", "cpu-clock", "-F", str(PERF_HZ), "-p", str(pid)]
+        record += ["-o", str(data)]
         sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # perf attaches
         rate, _ = jobs.jobs_per_second(address, streams, count)
