@@ -411,6 +411,23 @@ async def test_half_close_ends_with_an_empty_job(prov: Prov, stub: Stub) -> None
         assert await call.one_then_end() == pd.AcquiredJob()
 
 
+LEASE_TIMEOUTS = Timeouts(
+    poll=0.25, provisioner_hang=120.0, acquire_long_poll=0.5, runner_lease=2.0
+)
+
+
+@pytest.mark.parametrize("timeouts", [LEASE_TIMEOUTS], indirect=True, ids=["lease2s"])
+async def test_a_parked_daemon_stays_online_past_its_first_lease(prov: Prov, stub: Stub) -> None:
+    """Parked daemons' leases are renewed (every quarter lease, with the runners')."""
+    async with AcquireCall(stub, md()) as call:
+        await daemon_seen(prov, "d1")
+        await asyncio.sleep(2 * LEASE_TIMEOUTS.runner_lease)
+        listed = await prov.ListProvisionerDaemons(pv.ListProvisionerDaemonsRequest())
+        assert [d.online for d in listed.daemons if d.id == "d1"] == [True]
+        call.cancel_acquire()
+        assert await call.one_then_end() == pd.AcquiredJob()
+
+
 async def test_job_queued_while_waiting_is_sent_once(prov: Prov, stub: Stub) -> None:
     async with AcquireCall(stub, md()) as call:
         await daemon_seen(prov, "d1")

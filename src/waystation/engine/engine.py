@@ -492,18 +492,25 @@ class JobEngine:
             try:
                 # A lease is renewed well before it runs out, not on every poll:
                 # with 10,000 runners each renewal writes 10,000 rows.
-                if self._connected and loop.time() - renewed >= self.timeouts.runner_lease / 4:
+                if loop.time() - renewed >= self.timeouts.runner_lease / 4:
                     renewed = loop.time()
-                    lease = to_us(self.timeouts.runner_lease)
-                    await self.db.write_bulk(
-                        runner_tx.runners_renew, list(self._connected), now_us(), lease
-                    )
+                    await self._renew_leases()
                 if self._waiters:
                     await self._wake_from_db()
                 if self._daemon_waiters:
                     await self._wake_daemons_from_db()
             except Exception:
                 log.exception("housekeeping pass failed")
+
+    async def _renew_leases(self) -> None:
+        """Connected runners and parked daemons stay online another lease. (A
+        daemon's lease is also renewed each time it acquires or updates a job.)"""
+        lease, now = to_us(self.timeouts.runner_lease), now_us()
+        if self._connected:
+            await self.db.write_bulk(runner_tx.runners_renew, list(self._connected), now, lease)
+        parked = {w.daemon.id for w in self._daemon_waiters}
+        if parked:
+            await self.db.write_bulk(prov_tx.daemons_renew, parked, now, lease)
 
     async def _prune_loop(self) -> None:
         while True:
@@ -557,10 +564,7 @@ class JobEngine:
                 return
 
     async def _wake_daemons_from_db(self) -> None:
-        """The poll: parked daemons stay seen, and look at work queued elsewhere."""
-        ids = {w.daemon.id for w in self._daemon_waiters}
-        lease = to_us(self.timeouts.runner_lease)
-        await self.db.write(prov_tx.daemons_renew, ids, now_us(), lease)
+        """The poll: parked daemons look at work queued elsewhere."""
         for provisioner, tags in await self.db.read(prov_tx.jobs_queued_kinds):
             for waiter in self._daemon_waiters:
                 if not waiter.wake.is_set() and waiter.daemon.fits(provisioner, tags):
