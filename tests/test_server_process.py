@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -103,3 +105,17 @@ def test_reflection_lists_every_service(tmp_path: Path) -> None:
             assert described.file_descriptor_response.file_descriptor_proto
     finally:
         server.stop()
+
+
+def test_metrics_are_served_over_http_when_asked(tmp_path: Path) -> None:
+    server = t.ServerProcess(tmp_path / "data", "", "--metrics-listen", "127.0.0.1:0")
+    address = server.start()
+    with grpc.insecure_channel(address) as channel:
+        vs_grpc.VagrantStub(channel).GetVersionInfo(Empty(), timeout=10)
+    found = re.search(r"metrics on http://(\S+)/metrics", server.output())
+    assert found, server.output()
+    with urllib.request.urlopen(f"http://{found.group(1)}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    assert 'grpc_method="GetVersionInfo"' in text
+    assert "# TYPE waystation_jobs gauge" in text
+    assert server.stop(signal.SIGTERM) == 0

@@ -38,6 +38,8 @@ class ServerSettings:
     auth: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # HOST:PORT to serve Prometheus metrics on over HTTP; none when unset.
+    metrics_listen: str | None = None
 
     @property
     def database_url(self) -> str:

@@ -73,6 +73,16 @@ def run(
     tls_key: Annotated[
         Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")
     ] = None,
+    metrics_listen: Annotated[
+        str,
+        typer.Option(
+            "--metrics-listen",
+            envvar="WAYSTATION_METRICS_LISTEN",
+            help="HOST:PORT to serve Prometheus metrics on (/metrics, plain HTTP, no token)."
+            " [default: not served]",
+            show_default=False,
+        ),
+    ] = "",
 ) -> None:
     """Serve the Vagrant and provisionerd protocols until SIGINT or SIGTERM."""
     level = getattr(logging, log_level.upper(), None)
@@ -111,6 +121,7 @@ def run(
         auth=not dev,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        metrics_listen=metrics_listen or None,
     )
     from waystation.server.app import serve  # the CLI's other commands need no server code
 

@@ -33,6 +33,7 @@ from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, 
 from waystation.engine.output import OutputLog, OutputWriter, Terminal
 from waystation.engine.rules import SERIALIZED_OPERATIONS, Timeouts, now_us, to_us
 from waystation.errors import FailedPrecondition, Unavailable
+from waystation.metrics import Metrics
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.store import Store
@@ -79,6 +80,7 @@ class JobEngine:
         self._background: set[asyncio.Future[Any]] = set()
         self._draining = False
         self._stopped = False
+        self.metrics = Metrics()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -220,6 +222,7 @@ class JobEngine:
                 first = False
                 if waiter.handed is not None:  # assigned as it was queued (see queue)
                     handed, waiter.handed = waiter.handed, None
+                    self._assigned(job_tx.VAGRANT, handed.queue_time.ToMicroseconds())
                     return handed
                 waiter.wake.clear()  # before looking, so no wake-up is lost
                 if self.db.reads_inline and not await self.db.read(
@@ -246,6 +249,7 @@ class JobEngine:
                     assigning.add_done_callback(self._return_unclaimed(runner.id))
                     raise
                 if job is not None:
+                    self._assigned(job_tx.VAGRANT, job.queue_time.ToMicroseconds())
                     self._arm(self.timeouts.ack)
                     self.feed.publish(job_topic(job.id))
                     self._wake_for(None)  # there may be more: pass it on
@@ -258,6 +262,15 @@ class JobEngine:
             self._waiters.remove(waiter)
             if waiter.handed is not None:  # handed, never taken: back to the queue
                 self._spawn(self.nack(waiter.handed, runner.id))
+
+    def _assigned(self, kind: str, queued_us: int) -> None:
+        wait = (now_us() - queued_us) / 1e6
+        self.metrics.assign_wait.labels(kind).observe(max(wait, 0.0))
+
+    def occupancy(self) -> tuple[int, int, int]:
+        """Runner streams waiting for a job, daemons waiting to acquire one, and
+        runners with a config stream open, on this server."""
+        return len(self._waiters), len(self._daemon_waiters), len(self._connected)
 
     def _return_unclaimed(self, runner_id: str) -> Callable[[asyncio.Future[Any]], None]:
         def done(assigning: asyncio.Future[Any]) -> None:
@@ -346,6 +359,7 @@ class JobEngine:
                 for job_id in failed:
                     self.feed.publish(job_topic(job_id))
                 if job is not None:
+                    self._assigned(prov_tx.KIND, job.created_at * 1000)
                     self._arm(self.timeouts.provisioner_hang)
                     self.feed.publish(job_topic(job.job_id))
                     self._wake_daemon(None, {})  # there may be more: pass it on

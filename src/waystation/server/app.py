@@ -19,6 +19,7 @@ import waystation
 from waystation.auth.service import Authenticator
 from waystation.config import MAX_MESSAGE_BYTES, ServerSettings, is_loopback
 from waystation.engine.engine import JobEngine
+from waystation.metrics import RPCMetrics, serve_metrics
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
@@ -38,6 +39,8 @@ class RunningServer:
     engine: JobEngine
     health: HealthServicer
     address: str
+    metrics_address: str | None = None  # HOST:PORT of /metrics, when served
+    stop_metrics: Callable[[], None] | None = None
 
     @property
     def store(self) -> Store:
@@ -50,14 +53,26 @@ class RunningServer:
         await self.server.stop(grace)  # running jobs get the grace period to report
         await self.engine.stop()
         await self.store.close()  # drains the write queue: in-flight writes finish
+        if self.stop_metrics is not None:
+            await asyncio.to_thread(self.stop_metrics)
 
 
 async def start(settings: ServerSettings) -> RunningServer:
     store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
     engine = JobEngine(store, settings.timeouts)
     authenticator = Authenticator(store.db)
+    metrics_address = stop_metrics = None
+    if settings.metrics_listen:
+        try:
+            metrics_address, stop_metrics = serve_metrics(engine, settings.metrics_listen)
+        except OSError:
+            await store.close()
+            raise
+    guard = Guard(authenticator, enabled=settings.auth)
+    # Outermost, so that calls the guard refuses are counted too.
+    measure = [RPCMetrics(engine.metrics)] if settings.metrics_listen else []
     server = aio.server(
-        interceptors=[Guard(authenticator, enabled=settings.auth)],
+        interceptors=[*measure, guard],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -101,6 +116,8 @@ async def start(settings: ServerSettings) -> RunningServer:
             port = server.add_insecure_port(settings.listen)
     except (RuntimeError, OSError) as exc:
         await store.close()
+        if stop_metrics is not None:
+            stop_metrics()
         raise OSError(f"cannot listen on {settings.listen}: {exc}") from None
     host = settings.listen.rsplit(":", 1)[0]
     await server.start()
@@ -115,7 +132,7 @@ async def start(settings: ServerSettings) -> RunningServer:
         )
     if not settings.tls_cert and not is_loopback(host):
         log.warning("listening beyond loopback without TLS: tokens cross the network in clear")
-    return RunningServer(server, engine, health_servicer, address)
+    return RunningServer(server, engine, health_servicer, address, metrics_address, stop_metrics)
 
 
 async def serve(settings: ServerSettings) -> None:

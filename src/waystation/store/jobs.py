@@ -690,3 +690,11 @@ def scope_output(
         for seq, data in output_read(conn, job_id, cursor.get(job_id, -1), limit=100_000):
             rows.append((job_id, seq, data))
     return rows
+
+
+def jobs_count_by_state(conn: Connection) -> list[tuple[str, str, int]]:
+    """(kind, state name, count) of every job in the store, for metrics."""
+    rows = conn.execute(
+        sa.select(jobs.c.kind, jobs.c.state, sa.func.count()).group_by(jobs.c.kind, jobs.c.state)
+    )
+    return [(kind, rules.state_name(state), count) for kind, state, count in rows]
