@@ -40,6 +40,16 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     if request.param == "sqlite":
         yield sqlite_url(tmp_path / "waystation.db")
         return
+    yield from _postgres()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A schema of its own on the test PostgreSQL, for a test that uses both backends."""
+    yield from _postgres()
+
+
+def _postgres() -> Iterator[str]:
     if not POSTGRES_URL:
         if os.environ.get("CI"):
             pytest.fail("CI must run the PostgreSQL tests: set WAYSTATION_TEST_POSTGRES_URL")

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import auth, jobs, provisioning, runner, server, state
+from waystation.cli import auth, jobs, provisioning, runner, server, snapshot, state
 from waystation.cli.output import Context, fail
 from waystation.client import Connection, Contexts
 from waystation.config import DEFAULT_ADDRESS
@@ -29,6 +29,7 @@ app.add_typer(runner.app, name="runner")
 app.add_typer(jobs.app, name="job")
 app.add_typer(auth.token_app, name="token")
 app.add_typer(auth.context_app, name="context")
+app.add_typer(snapshot.app, name="snapshot")
 app.command("login")(auth.login)
 app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     jobs.run

@@ -2,31 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
+import waystation
 from waystation.auth.service import Authenticator
 from waystation.engine.engine import JobEngine
 from waystation.engine.rules import now_us
 from waystation.errors import FailedPrecondition, InvalidArgument
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
-from waystation.server.errors import rpc
+from waystation.server.errors import rpc, stream_rpc
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import jobs as job_tx
 from waystation.store import runners as runner_tx
+from waystation.store import snapshot
 
 DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]
 SERVICE = DESCRIPTOR.full_name
 Ctx = aio.ServicerContext[Any, Any]
+SNAPSHOT_CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class AdminService:
-    def __init__(self, engine: JobEngine, auth: Authenticator) -> None:
+    def __init__(
+        self,
+        engine: JobEngine,
+        auth: Authenticator,
+        data_dir: Path,
+        exit_server: Callable[[], None] = lambda: None,
+    ) -> None:
         self.engine = engine
         self.store = engine.store
         self.auth = auth
+        self.data_dir = data_dir
+        self.exit_server = exit_server
         fill_unimplemented(self, DESCRIPTOR)
 
     @rpc
@@ -84,3 +103,54 @@ class AdminService:
         if len(token_id) != 32 or any(c not in "0123456789abcdef" for c in token_id):
             raise InvalidArgument("token_id must be 32 hex digits (waystation token inspect)")
         return admin.RevokeTokenResponse(revoked=await self.auth.revoke(token_id))
+
+    @stream_rpc
+    async def CreateSnapshot(
+        self, request: Empty, context: Ctx
+    ) -> AsyncIterator[vs.CreateSnapshotResponse]:
+        version = vs.VersionInfo(version=waystation.__version__)
+        with tempfile.TemporaryFile() as spool:  # the read transaction ends before we stream
+            await self.engine.db.read_bulk(snapshot.write, spool, version)
+            spool.seek(0)
+            yield vs.CreateSnapshotResponse(open=vs.CreateSnapshotResponse.Open())
+            while chunk := spool.read(SNAPSHOT_CHUNK):
+                yield vs.CreateSnapshotResponse(chunk=chunk)
+
+    @rpc
+    async def RestoreSnapshot(
+        self, requests: AsyncIterator[vs.RestoreSnapshotRequest], context: Ctx
+    ) -> Empty:
+        """Verify the whole snapshot, then stage it (an atomic rename) for the next start."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("event") != "open":
+            raise FailedPrecondition("first message must be an Open event")
+        staged = snapshot.staged(self.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="restore-", suffix=".partial", dir=self.data_dir)
+        partial = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for message in requests:
+                    if message.WhichOneof("event") != "chunk":
+                        raise FailedPrecondition("only chunks may follow the Open event")
+                    out.write(message.chunk)
+                out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
+            await self.engine.db.read_bulk(snapshot.verify_file, partial)
+            partial.replace(staged)
+            await asyncio.to_thread(_sync_dir, self.data_dir)  # the rename, durable
+        finally:
+            partial.unlink(missing_ok=True)
+        log.warning("snapshot staged at %s: it replaces the whole store at the next start", staged)
+        if first.open.exit:
+            log.warning("shutting down, as the restore asked (open.exit)")
+            self.exit_server()
+        return Empty()
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

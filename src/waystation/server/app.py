@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
@@ -26,7 +26,7 @@ from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server import admin, provisionerd, provisioning, vagrant
 from waystation.server.auth import Guard
-from waystation.store import Store
+from waystation.store import Store, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class RunningServer:
     address: str
     metrics_address: str | None = None  # HOST:PORT of /metrics, when served
     stop_metrics: Callable[[], None] | None = None
+    # Set to shut down: by SIGINT or SIGTERM, or by a restore with open.exit.
+    exit_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def store(self) -> Store:
@@ -59,8 +61,14 @@ class RunningServer:
 
 async def start(settings: ServerSettings) -> RunningServer:
     store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
+    try:
+        await asyncio.to_thread(snapshot.apply_staged, store.db, settings.data_dir)
+    except Exception:
+        await store.close()
+        raise
     engine = JobEngine(store, settings.timeouts)
     authenticator = Authenticator(store.db)
+    exit_requested = asyncio.Event()
     metrics_address = stop_metrics = None
     if settings.metrics_listen:
         try:
@@ -99,7 +107,11 @@ async def start(settings: ServerSettings) -> RunningServer:
         cast(pv_grpc.ProvisioningServicer, provisioning.ProvisioningService(engine)), server
     )
     admin_grpc.add_AdminServicer_to_server(
-        cast(admin_grpc.AdminServicer, admin.AdminService(engine, authenticator)), server
+        cast(
+            admin_grpc.AdminServicer,
+            admin.AdminService(engine, authenticator, settings.data_dir, exit_requested.set),
+        ),
+        server,
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -132,17 +144,18 @@ async def start(settings: ServerSettings) -> RunningServer:
         )
     if not settings.tls_cert and not is_loopback(host):
         log.warning("listening beyond loopback without TLS: tokens cross the network in clear")
-    return RunningServer(server, engine, health_servicer, address, metrics_address, stop_metrics)
+    return RunningServer(
+        server, engine, health_servicer, address, metrics_address, stop_metrics, exit_requested
+    )
 
 
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     running = await start(settings)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, running.exit_requested.set)
+    await running.exit_requested.wait()
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace)
     await running.stop(settings.shutdown_grace)
     log.info("stopped")

@@ -23,38 +23,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from waystation.protocol import plugin_pb2 as plugin__pb2
 from waystation.protocol import vagrant_server_pb2 as vagrant__server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x0cplugin.proto\x1a\x14vagrant_server.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x14\n\x12ListRunnersRequest\"A\n\x13ListRunnersResponse\x12*\n\x07runners\x18\x01 \x03(\x0b\x32\x19.waystation.v1.RunnerInfo\"v\n\nRunnerInfo\x12)\n\x06runner\x18\x01 \x01(\x0b\x32\x19.hashicorp.vagrant.Runner\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x17GetQueuePositionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"@\n\x18GetQueuePositionResponse\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x12\n\nblocked_by\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\x32\xee\x04\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponse\x12V\n\tConfigSet\x12#.hashicorp.vagrant.ConfigSetRequest\x1a$.hashicorp.vagrant.ConfigSetResponse\x12\x63\n\x10GetQueuePosition\x12&.waystation.v1.GetQueuePositionRequest\x1a\'.waystation.v1.GetQueuePositionResponse\x12T\n\x0bRevokeToken\x12!.waystation.v1.RevokeTokenRequest\x1a\".waystation.v1.RevokeTokenResponse\x12T\n\x0bListRunners\x12!.waystation.v1.ListRunnersRequest\x1a\".waystation.v1.ListRunnersResponse\x12V\n\tConfigGet\x12#.hashicorp.vagrant.ConfigGetRequest\x1a$.hashicorp.vagrant.ConfigGetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/admin.proto\x12\rwaystation.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x0cplugin.proto\x1a\x14vagrant_server.proto\"E\n\x12\x44\x65leteBasisRequest\x12/\n\x05\x62\x61sis\x18\x01 \x01(\x0b\x32 .hashicorp.vagrant.sdk.Ref.Basis\"K\n\x14\x44\x65leteProjectRequest\x12\x33\n\x07project\x18\x01 \x01(\x0b\x32\".hashicorp.vagrant.sdk.Ref.Project\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x14\n\x12ListRunnersRequest\"A\n\x13ListRunnersResponse\x12*\n\x07runners\x18\x01 \x03(\x0b\x32\x19.waystation.v1.RunnerInfo\"v\n\nRunnerInfo\x12)\n\x06runner\x18\x01 \x01(\x0b\x32\x19.hashicorp.vagrant.Runner\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x17GetQueuePositionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"@\n\x18GetQueuePositionResponse\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x12\n\nblocked_by\x18\x02 \x01(\t\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\x32\x9d\x06\n\x05\x41\x64min\x12O\n\x0b\x44\x65leteBasis\x12!.waystation.v1.DeleteBasisRequest\x1a\x1d.waystation.v1.DeleteResponse\x12S\n\rDeleteProject\x12#.waystation.v1.DeleteProjectRequest\x1a\x1d.waystation.v1.DeleteResponse\x12V\n\tConfigSet\x12#.hashicorp.vagrant.ConfigSetRequest\x1a$.hashicorp.vagrant.ConfigSetResponse\x12\x63\n\x10GetQueuePosition\x12&.waystation.v1.GetQueuePositionRequest\x1a\'.waystation.v1.GetQueuePositionResponse\x12T\n\x0bRevokeToken\x12!.waystation.v1.RevokeTokenRequest\x1a\".waystation.v1.RevokeTokenResponse\x12T\n\x0bListRunners\x12!.waystation.v1.ListRunnersRequest\x1a\".waystation.v1.ListRunnersResponse\x12V\n\tConfigGet\x12#.hashicorp.vagrant.ConfigGetRequest\x1a$.hashicorp.vagrant.ConfigGetResponse\x12U\n\x0e\x43reateSnapshot\x12\x16.google.protobuf.Empty\x1a).hashicorp.vagrant.CreateSnapshotResponse0\x01\x12V\n\x0fRestoreSnapshot\x12).hashicorp.vagrant.RestoreSnapshotRequest\x1a\x16.google.protobuf.Empty(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'waystation.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELETEBASISREQUEST']._serialized_start=113
-  _globals['_DELETEBASISREQUEST']._serialized_end=182
-  _globals['_DELETEPROJECTREQUEST']._serialized_start=184
-  _globals['_DELETEPROJECTREQUEST']._serialized_end=259
-  _globals['_DELETERESPONSE']._serialized_start=261
-  _globals['_DELETERESPONSE']._serialized_end=294
-  _globals['_LISTRUNNERSREQUEST']._serialized_start=296
-  _globals['_LISTRUNNERSREQUEST']._serialized_end=316
-  _globals['_LISTRUNNERSRESPONSE']._serialized_start=318
-  _globals['_LISTRUNNERSRESPONSE']._serialized_end=383
-  _globals['_RUNNERINFO']._serialized_start=385
-  _globals['_RUNNERINFO']._serialized_end=503
-  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_start=505
-  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_end=546
-  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_start=548
-  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_end=612
-  _globals['_REVOKETOKENREQUEST']._serialized_start=614
-  _globals['_REVOKETOKENREQUEST']._serialized_end=652
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=654
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=692
-  _globals['_ADMIN']._serialized_start=695
-  _globals['_ADMIN']._serialized_end=1317
+  _globals['_DELETEBASISREQUEST']._serialized_start=142
+  _globals['_DELETEBASISREQUEST']._serialized_end=211
+  _globals['_DELETEPROJECTREQUEST']._serialized_start=213
+  _globals['_DELETEPROJECTREQUEST']._serialized_end=288
+  _globals['_DELETERESPONSE']._serialized_start=290
+  _globals['_DELETERESPONSE']._serialized_end=323
+  _globals['_LISTRUNNERSREQUEST']._serialized_start=325
+  _globals['_LISTRUNNERSREQUEST']._serialized_end=345
+  _globals['_LISTRUNNERSRESPONSE']._serialized_start=347
+  _globals['_LISTRUNNERSRESPONSE']._serialized_end=412
+  _globals['_RUNNERINFO']._serialized_start=414
+  _globals['_RUNNERINFO']._serialized_end=532
+  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_start=534
+  _globals['_GETQUEUEPOSITIONREQUEST']._serialized_end=575
+  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_start=577
+  _globals['_GETQUEUEPOSITIONRESPONSE']._serialized_end=641
+  _globals['_REVOKETOKENREQUEST']._serialized_start=643
+  _globals['_REVOKETOKENREQUEST']._serialized_end=681
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=683
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=721
+  _globals['_ADMIN']._serialized_start=724
+  _globals['_ADMIN']._serialized_end=1521
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from waystation.protocol import vagrant_server_pb2 as vagrant__server__pb2
 from waystation.protocol.waystation.v1 import admin_pb2 as waystation_dot_v1_dot_admin__pb2
 
@@ -71,6 +72,16 @@ class AdminStub:
                 request_serializer=vagrant__server__pb2.ConfigGetRequest.SerializeToString,
                 response_deserializer=vagrant__server__pb2.ConfigGetResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_stream(
+                '/waystation.v1.Admin/CreateSnapshot',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=vagrant__server__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.stream_unary(
+                '/waystation.v1.Admin/RestoreSnapshot',
+                request_serializer=vagrant__server__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -133,6 +144,25 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """The whole store, as Waypoint's CreateSnapshot streams it: Open, then
+        chunks of a gzip'd stream of Snapshot messages (Header, BoltChunks with
+        a table's rows each, the final chunk, a Trailer with the SHA-256). It
+        holds the token signing keys: keep snapshots as secret as the database.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request_iterator, context):
+        """Stage a snapshot (Open, then chunks) to replace the whole store at the
+        server's next start, as Waypoint's RestoreSnapshot does; verified in full
+        before it is staged. With open.exit the server shuts down once staged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +200,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ConfigGet,
                     request_deserializer=vagrant__server__pb2.ConfigGetRequest.FromString,
                     response_serializer=vagrant__server__pb2.ConfigGetResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=vagrant__server__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=vagrant__server__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +401,60 @@ class Admin:
             '/waystation.v1.Admin/ConfigGet',
             vagrant__server__pb2.ConfigGetRequest.SerializeToString,
             vagrant__server__pb2.ConfigGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/waystation.v1.Admin/CreateSnapshot',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            vagrant__server__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/waystation.v1.Admin/RestoreSnapshot',
+            vagrant__server__pb2.RestoreSnapshotRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ The seed files stay unchanged; this service lives in our own package.
 """
 
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from waystation.protocol.waystation.v1 import admin_pb2 as _admin_pb2
 import abc as _abc_1
@@ -63,6 +64,17 @@ class AdminStub:
     """Get the config variables of one scope whose names start with `prefix`.
     For a runner id: those for any runner, then its own (which win), by name.
     """
+    CreateSnapshot: _grpc.UnaryStreamMultiCallable[_empty_pb2.Empty, _vagrant_server_pb2.CreateSnapshotResponse]
+    """The whole store, as Waypoint's CreateSnapshot streams it: Open, then
+    chunks of a gzip'd stream of Snapshot messages (Header, BoltChunks with
+    a table's rows each, the final chunk, a Trailer with the SHA-256). It
+    holds the token signing keys: keep snapshots as secret as the database.
+    """
+    RestoreSnapshot: _grpc.StreamUnaryMultiCallable[_vagrant_server_pb2.RestoreSnapshotRequest, _empty_pb2.Empty]
+    """Stage a snapshot (Open, then chunks) to replace the whole store at the
+    server's next start, as Waypoint's RestoreSnapshot does; verified in full
+    before it is staged. With open.exit the server shuts down once staged.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -93,6 +105,17 @@ class AdminAsyncStub(AdminStub):
     ConfigGet: _aio.UnaryUnaryMultiCallable[_vagrant_server_pb2.ConfigGetRequest, _vagrant_server_pb2.ConfigGetResponse]  # type: ignore[assignment]
     """Get the config variables of one scope whose names start with `prefix`.
     For a runner id: those for any runner, then its own (which win), by name.
+    """
+    CreateSnapshot: _aio.UnaryStreamMultiCallable[_empty_pb2.Empty, _vagrant_server_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
+    """The whole store, as Waypoint's CreateSnapshot streams it: Open, then
+    chunks of a gzip'd stream of Snapshot messages (Header, BoltChunks with
+    a table's rows each, the final chunk, a Trailer with the SHA-256). It
+    holds the token signing keys: keep snapshots as secret as the database.
+    """
+    RestoreSnapshot: _aio.StreamUnaryMultiCallable[_vagrant_server_pb2.RestoreSnapshotRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Stage a snapshot (Open, then chunks) to replace the whole store at the
+    server's next start, as Waypoint's RestoreSnapshot does; verified in full
+    before it is staged. With open.exit the server shuts down once staged.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -163,6 +186,29 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_vagrant_server_pb2.ConfigGetResponse, _abc.Awaitable[_vagrant_server_pb2.ConfigGetResponse]]:
         """Get the config variables of one scope whose names start with `prefix`.
         For a runner id: those for any runner, then its own (which win), by name.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _empty_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_vagrant_server_pb2.CreateSnapshotResponse], _abc.AsyncIterator[_vagrant_server_pb2.CreateSnapshotResponse]]:
+        """The whole store, as Waypoint's CreateSnapshot streams it: Open, then
+        chunks of a gzip'd stream of Snapshot messages (Header, BoltChunks with
+        a table's rows each, the final chunk, a Trailer with the SHA-256). It
+        holds the token signing keys: keep snapshots as secret as the database.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreSnapshot(
+        self,
+        request_iterator: _MaybeAsyncIterator[_vagrant_server_pb2.RestoreSnapshotRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Stage a snapshot (Open, then chunks) to replace the whole store at the
+        server's next start, as Waypoint's RestoreSnapshot does; verified in full
+        before it is staged. With open.exit the server shuts down once staged.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
