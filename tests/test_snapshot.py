@@ -4,8 +4,10 @@ the next start, hostile input refused with nothing staged. Both backends."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -18,14 +20,18 @@ import grpc
 import pytest
 from google.protobuf.empty_pb2 import Empty
 from grpc import aio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from waystation import testing as t
 from waystation.client import Connection
-from waystation.config import ServerSettings
+from waystation.config import ServerSettings, sqlite_url
+from waystation.errors import InvalidArgument
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer, start
+from waystation.store import Store, schema, snapshot
 from waystation.store.snapshot import staged
 
 if TYPE_CHECKING:
@@ -209,6 +215,34 @@ async def test_a_bad_staged_file_stops_the_start_with_a_clear_error(
     assert staged(settings.data_dir).exists()  # left for the operator
 
 
+async def test_rows_that_break_constraints_stop_the_start_and_change_nothing(
+    server: RunningServer, settings: ServerSettings, token: str, vagrant: Stub, admin: Admin
+) -> None:
+    await vagrant.UpsertBasis(vs.UpsertBasisRequest(basis=t.basis("before")))
+    framed = messages(await take_snapshot(admin))
+    # The same server flag twice: each chunk is fine alone, together they are not.
+    twice = Snap.BoltChunk(bucket="server_flags", items={'["x"]': b'{"name":"x","set_at":1}'})
+    data = twice.SerializeToString()
+    extra = bytes([len(data)]) + data
+    framed[-2:-2] = [extra, extra]  # before the final chunk
+    digest = hashlib.sha256(b"".join(framed[:-1])).hexdigest()
+    trailer = Snap.Trailer(sha256=digest).SerializeToString()
+    forged = gzip.compress(b"".join(framed[:-1]) + bytes([len(trailer)]) + trailer)
+    assert await send(admin, *restore_events(forged)) == Empty()  # it reads well
+    await server.stop(1)
+
+    with pytest.raises(OSError, match="break the schema's constraints"):
+        await start(settings)
+    staged(settings.data_dir).rename(settings.data_dir / "set-aside")
+    again = await start(settings)
+    try:
+        async with Connection(again.address, token).aio_channel() as channel:
+            listed = await vs_grpc.VagrantStub(channel).ListBasis(Empty())
+            assert [b.name for b in listed.basis] == ["before"]
+    finally:
+        await again.stop(1)
+
+
 async def test_a_sqlite_snapshot_restores_into_postgresql(
     tmp_path: Path, postgres_url: str
 ) -> None:
@@ -289,3 +323,44 @@ def test_cli_snapshot_create_and_restore_with_exit(
 
     process.start()  # applies it
     assert "store restored" in process.output()
+
+
+# -- hostile files, fuzzed -------------------------------------------------------------
+
+
+def test_any_damage_to_a_snapshot_is_invalid_argument_and_nothing_else(tmp_path: Path) -> None:
+    """Truncations, flipped bytes and random data: verify_file answers InvalidArgument
+    (what the RPC turns into INVALID_ARGUMENT), never another error."""
+    db = Store.open(sqlite_url(tmp_path / "fuzz.db")).db
+    try:
+        db.run_sync(
+            lambda conn: conn.execute(schema.server_flags.insert(), {"name": "x", "set_at": 1})
+        )
+        spool = io.BytesIO()
+        db.run_sync(lambda conn: snapshot.write(conn, spool, vs.VersionInfo(version="t")))
+        good = spool.getvalue()
+        path = tmp_path / "candidate"
+        path.write_bytes(good)
+        assert db.run_sync(lambda conn: snapshot.verify_file(conn, path)) >= 1
+
+        @settings(max_examples=300, deadline=None)
+        @given(
+            st.one_of(
+                st.integers(0, len(good) - 1).map(lambda n: good[:n]),
+                # Not bytes 4-9 of the gzip header (mtime, flags, OS): readers ignore them.
+                st.tuples(
+                    st.integers(0, len(good) - 1).filter(lambda i: not 4 <= i <= 9),
+                    st.integers(1, 255),
+                ).map(lambda f: good[: f[0]] + bytes([good[f[0]] ^ f[1]]) + good[f[0] + 1 :]),
+                st.binary(max_size=512),
+                st.binary(max_size=512).map(gzip.compress),
+            )
+        )
+        def damaged_is_refused(data: bytes) -> None:
+            path.write_bytes(data)
+            with pytest.raises(InvalidArgument, match=r"^snapshot: "):
+                db.run_sync(lambda conn: snapshot.verify_file(conn, path))
+
+        damaged_is_refused()
+    finally:
+        asyncio.run(db.close())

@@ -21,7 +21,8 @@ import gzip
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,22 +72,60 @@ def write(conn: Connection, out: IO[bytes], version: vs.VersionInfo) -> None:
         emit(Snapshot.Trailer(sha256=digest.hexdigest()), counted=False)
 
 
-@dataclass
-class Contents:
-    revision: str
-    rows: dict[str, list[dict[str, Any]]]  # table name -> rows
+def staged(data_dir: Path) -> Path:
+    """Where a restore waits for the next start: in the server's data directory."""
+    return data_dir / "restore.snapshot"
 
 
-def read(source: IO[bytes]) -> Contents:
-    """Parse and verify a snapshot; InvalidArgument says what is wrong with it."""
+def verify_file(conn: Connection, path: Path) -> int:
+    """Check that the file is a whole snapshot this database can take, reading it
+    once without holding it (InvalidArgument says what is wrong); its rows."""
+    tables = {t.name: (i, t) for i, t in enumerate(metadata.sorted_tables)}
+    current = _revision(conn)
+    meta: dict[str, bytes] = {}
+    last, rows = -1, 0
+    for bucket, items in _table_chunks(path, meta):
+        if meta.get("revision", b"").decode() != current:
+            revision = meta.get("revision", b"").decode()
+            raise InvalidArgument(
+                f"snapshot: its schema revision {revision!r} is not this server's"
+                f" ({current!r}); restore it with the waystation version that made it"
+            )
+        if bucket not in tables:
+            raise InvalidArgument(f"snapshot: unknown table {bucket!r}")
+        index, table = tables[bucket]
+        if index < last:  # parents before children, or the inserts break foreign keys
+            raise InvalidArgument(f"snapshot: table {bucket} out of order")
+        last = index
+        unknown = {column for row in items for column in row} - set(table.columns.keys())
+        if unknown:
+            raise InvalidArgument(f"snapshot: unknown columns of {bucket}: {sorted(unknown)}")
+        rows += len(items)
+    return rows
+
+
+def restore(conn: Connection, path: Path) -> int:
+    """Replace every row of every table with the snapshot's, chunk by chunk
+    (verify_file first, in the same transaction); the rows restored."""
+    for table in reversed(metadata.sorted_tables):
+        conn.execute(table.delete())
+    tables = {t.name: t for t in metadata.sorted_tables}
+    restored = 0
+    for bucket, items in _table_chunks(path, {}):
+        conn.execute(tables[bucket].insert(), items)
+        restored += len(items)
+    return restored
+
+
+def _table_chunks(path: Path, meta: dict[str, bytes]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(table, rows) of each data chunk, in order; `meta` gets the first chunk's
+    items before any is yielded. The checksum is checked after the last."""
     digest = hashlib.sha256()
     try:
-        with gzip.GzipFile(fileobj=source, mode="rb") as zipped:
+        with path.open("rb") as source, gzip.GzipFile(fileobj=source, mode="rb") as zipped:
             header = _next(zipped, Snapshot.Header(), digest)
             if header is None or header.format != Snapshot.Header.BOLT:
                 raise InvalidArgument("snapshot: no header of the BOLT format")
-            meta: dict[str, bytes] = {}
-            rows: dict[str, list[dict[str, Any]]] = {}
             while True:
                 chunk = _next(zipped, Snapshot.BoltChunk(), digest)
                 if chunk is None:
@@ -94,9 +133,9 @@ def read(source: IO[bytes]) -> Contents:
                 if chunk.bucket == META:
                     meta.update(chunk.items)
                 elif chunk.bucket:
-                    rows.setdefault(chunk.bucket, []).extend(
-                        _decode(value) for value in chunk.items.values()
-                    )
+                    if meta.get("encoding") != ENCODING:
+                        raise InvalidArgument("snapshot: not a waystation snapshot")
+                    yield chunk.bucket, [_decode(value) for value in chunk.items.values()]
                 if chunk.final:
                     break
             expected = digest.hexdigest()
@@ -105,51 +144,10 @@ def read(source: IO[bytes]) -> Contents:
                 raise InvalidArgument("snapshot: checksum mismatch (corrupt or truncated)")
             if zipped.read(1):
                 raise InvalidArgument("snapshot: data after its trailer")
-    except (OSError, EOFError, ValueError, KeyError, TypeError, DecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, DecodeError, zlib.error) as exc:
         raise InvalidArgument(f"snapshot: unreadable ({exc})") from None
     if meta.get("encoding") != ENCODING:
-        raise InvalidArgument("snapshot: not a waystation snapshot (no table encoding named)")
-    return Contents(meta.get("revision", b"").decode(), rows)
-
-
-def restore(conn: Connection, contents: Contents) -> int:
-    """Replace every row of every table with the snapshot's (verified by
-    verify_file on this database); the rows restored."""
-    for table in reversed(metadata.sorted_tables):
-        conn.execute(table.delete())
-    restored = 0
-    for table in metadata.sorted_tables:
-        rows = contents.rows.get(table.name, [])
-        for start in range(0, len(rows), CHUNK_ROWS):
-            conn.execute(table.insert(), rows[start : start + CHUNK_ROWS])
-        restored += len(rows)
-    return restored
-
-
-def staged(data_dir: Path) -> Path:
-    """Where a restore waits for the next start: in the server's data directory."""
-    return data_dir / "restore.snapshot"
-
-
-def verify_file(conn: Connection, path: Path) -> Contents:
-    """The file's contents, if it is a whole snapshot this server can restore."""
-    with path.open("rb") as source:
-        contents = read(source)
-    current = _revision(conn)
-    if contents.revision != current:
-        raise InvalidArgument(
-            f"snapshot: its schema revision {contents.revision!r} is not this server's"
-            f" ({current!r}); restore it with the waystation version that made it"
-        )
-    tables = {t.name: t for t in metadata.sorted_tables}
-    for name, rows in contents.rows.items():
-        table = tables.get(name)
-        if table is None:
-            raise InvalidArgument(f"snapshot: unknown table {name!r}")
-        unknown = {column for row in rows for column in row} - set(table.columns.keys())
-        if unknown:
-            raise InvalidArgument(f"snapshot: unknown columns of {name}: {sorted(unknown)}")
-    return contents
+        raise InvalidArgument("snapshot: not a waystation snapshot")
 
 
 def _revision(conn: Connection) -> str:
@@ -221,9 +219,19 @@ def apply_staged(db: Database, data_dir: Path) -> None:
     if not path.exists():
         return
     log.warning("restoring the store from %s", path)
+
+    def apply(conn: Connection) -> int:
+        verify_file(conn, path)  # before the first delete: a bad file changes nothing
+        return restore(conn, path)
+
     try:
-        rows = db.run_sync(lambda conn: restore(conn, verify_file(conn, path)))
+        rows = db.run_sync(apply)
     except InvalidArgument as exc:
         raise OSError(f"cannot restore {path}: {exc.message}; move it away to start") from None
+    except sa.exc.IntegrityError as exc:  # rows that contradict each other: nothing changed
+        raise OSError(
+            f"cannot restore {path}: its rows break the schema's constraints ({exc.orig});"
+            " move it away to start"
+        ) from None
     path.replace(path.with_name(path.name + ".applied"))
     log.warning("store restored: %d rows; %s renamed to .applied", rows, path.name)
