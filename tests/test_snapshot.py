@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def restore_events(data: bytes, exit: bool = False, size: int = 1000) -> list[Re
 
 
 async def test_the_snapshot_is_waypoints_encoding(server: RunningServer, admin: Admin) -> None:
+    anyone = vs.Ref.Runner(any=vs.Ref.RunnerAny())
+    many = [vs.ConfigVar(name=f"v{i:04}", value="x", runner=anyone) for i in range(1201)]
+    await admin.ConfigSet(vs.ConfigSetRequest(variables=many))
     data = await take_snapshot(admin)
     framed = messages(data)
     header = Snap.Header.FromString(body(framed[0]))
@@ -99,6 +103,11 @@ async def test_the_snapshot_is_waypoints_encoding(server: RunningServer, admin: 
     assert chunks[-1].final and not any(c.final for c in chunks[:-1])
     assert chunks[0].bucket == "waystation.snapshot"
     assert "auth_keys" in {c.bucket for c in chunks}  # the signing keys are in it
+    # A table's rows go in chunks of at most 500, in key order (a map has none inside).
+    config = [c for c in chunks if c.bucket == "config_vars"]
+    assert [len(c.items) for c in config] == [500, 500, 201]
+    names = [sorted(json.loads(v)["name"] for v in c.items.values()) for c in config]
+    assert [n for chunk in names for n in chunk] == [v.name for v in many]
     trailer = Snap.Trailer.FromString(body(framed[-1]))
     assert trailer.sha256 == hashlib.sha256(b"".join(framed[:-1])).hexdigest()
 
@@ -108,6 +117,9 @@ async def test_a_restore_replaces_the_store_at_the_next_start(
 ) -> None:
     kept = await vagrant.UpsertBasis(vs.UpsertBasisRequest(basis=t.basis("kept")))
     job = await vagrant.QueueJob(vs.QueueJobRequest(job=t.noop_job()))
+    anyone = vs.Ref.Runner(any=vs.Ref.RunnerAny())
+    many = [vs.ConfigVar(name=f"v{i:04}", value=str(i), runner=anyone) for i in range(700)]
+    await admin.ConfigSet(vs.ConfigSetRequest(variables=many))  # more than one chunk
     data = await take_snapshot(admin)
 
     # After the snapshot: one basis more, the job cancelled.
@@ -127,6 +139,12 @@ async def test_a_restore_replaces_the_store_at_the_next_start(
             assert kept.basis.name in names and later.basis.name not in names
             again = await stub.GetJob(vs.GetJobRequest(job_id=job.job_id))
             assert again.state == vs.Job.QUEUED
+            restored = await admin_grpc.AdminStub(channel).ConfigGet(
+                vs.ConfigGetRequest(runner=vs.Ref.RunnerId(id="any-runner"))
+            )
+            assert [(v.name, v.value) for v in restored.variables] == [
+                (v.name, v.value) for v in many
+            ]
             # The snapshot's signing keys and tokens came with it: the old token works.
             assert await take_snapshot(admin_grpc.AdminStub(channel))
     finally:

@@ -64,8 +64,9 @@ def write(conn: Connection, out: IO[bytes], version: vs.VersionInfo) -> None:
         emit(Snapshot.BoltChunk(bucket=META, items=meta))
         for table in metadata.sorted_tables:
             key = list(table.primary_key.columns)
-            rows = conn.execute(sa.select(table).order_by(*key)).mappings()
-            for chunk in rows.partitions(CHUNK_ROWS):
+            # A server-side cursor on PostgreSQL: a table's rows never all in memory.
+            query = sa.select(table).order_by(*key).execution_options(yield_per=CHUNK_ROWS)
+            for chunk in conn.execute(query).mappings().partitions():
                 items = {_key(row, key): _encode(row) for row in chunk}
                 emit(Snapshot.BoltChunk(bucket=table.name, items=items))
         emit(Snapshot.BoltChunk(final=True))
