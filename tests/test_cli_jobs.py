@@ -247,12 +247,93 @@ def test_newcomer_runs_up_status_exec_and_destroy_on_a_fresh_server(
     again = ran(address, f"job watch {queued_id(failed)}", status=3)
     assert again.stdout.splitlines() == ["hi"], show(again)
 
+    # Listed, it shows as what it was: a command that exited 3, not a plain SUCCESS.
+    listed = [line for line in ok(address, "job list").splitlines() if queued_id(failed) in line]
+    assert len(listed) == 1 and " exit 3 " in listed[0], listed
+    got = ok(address, f"job get {queued_id(failed)}").splitlines()
+    assert " exit 3 " in got[1], got
+
     destroy = ran(address, "run destroy --target web")
     assert "destroyed" in destroy.stdout, show(destroy)
     assert direct.target(web["resource_id"]).state == vs.Operation.DESTROYED
 
 
 # -- jobs, with a runner -------------------------------------------------------------
+
+
+def on_a_terminal(address: str, command: str, *extra: str) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on one pseudo-terminal: its exit status and
+    what the screen was sent, escape sequences removed."""
+    primary, secondary = os.openpty()
+    shown = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed its side
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        with subprocess.Popen(
+            _argv(command, *extra), env=_env(address), stdout=secondary, stderr=secondary
+        ) as proc:
+            os.close(secondary)
+            secondary = -1
+            reader.start()
+            status = proc.wait(timeout=60)
+        reader.join(10)
+    finally:
+        if secondary != -1:
+            os.close(secondary)
+        os.close(primary)
+    return status, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+
+
+def test_run_on_a_terminal_prints_output_above_the_spinner_never_into_it(
+    address: str, runner: RunnerProcess
+) -> None:
+    script = "for i in 1 2 3; do echo tick $i; sleep 0.3; done"
+    status, screen = on_a_terminal(address, "run exec --target web --", script)
+    assert status == 0, screen
+    # Each redraw starts at the line's beginning (\r); output gets lines of its own.
+    pieces = [p for p in re.split(r"[\r\n]+", screen) if "tick" in p]
+    assert pieces == ["tick 1", "tick 2", "tick 3"], screen
+    assert "succeeded" in screen, screen
+
+
+def test_unknown_options_of_run_are_errors_and_queue_nothing(
+    address: str, direct: Direct, runner: RunnerProcess
+) -> None:
+    before = len(direct.jobs())
+    result = cli(address, "run up --target web --dry-run")
+    assert result.returncode == 2, show(result)
+    assert "No such option: --dry-run" in result.stderr, show(result)
+    assert "Traceback" not in result.stderr, show(result)
+    assert len(direct.jobs()) == before
+
+    # After `--` the same text is the command's own argument.
+    echoed = ran(address, "run exec --target web --", "echo --dry-run")
+    assert echoed.stdout.splitlines() == ["--dry-run"], show(echoed)
+    job = direct.job(queued_id(echoed))
+    assert list(job.command.cli_args.args) == ["echo --dry-run"]
+
+
+def test_cancel_of_a_running_job_says_cancel_requested(
+    address: str, direct: Direct, runner: RunnerProcess
+) -> None:
+    job_id = ok(address, "job queue exec --target web --", "sleep 60").strip()
+    direct.wait_job(job_id, vs.Job.RUNNING)
+    said = ok(address, f"job cancel {job_id}").strip()
+    assert said == f"job {job_id}: cancel requested (cancel again to force it)", said
+    job = direct.wait_job(job_id, vs.Job.ERROR)
+    assert job.HasField("cancel_time")
+    said = ok(address, f"job cancel {job_id}").strip()
+    assert said == f"job {job_id} had already finished: error", said
 
 
 def test_noop_job_queued_runs_and_shows_in_list_and_get(
@@ -312,9 +393,58 @@ def test_queued_job_is_listed_by_state_and_cancelled(address: str, direct: Direc
     assert {row[1] for row in cli_table(queued)[1]} == {"QUEUED"}, queued
 
     # A queued job cannot run any more: it ends at once, as ERROR "canceled".
-    assert ok(address, f"job cancel {job_id}").strip() == f"job {job_id}: error"
+    assert ok(address, f"job cancel {job_id}").strip() == f"job {job_id}: cancelled"
     job = direct.job(job_id)
     assert (job.state, job.error.message) == (vs.Job.ERROR, "canceled")
+
+
+@pytest.mark.usefixtures("no_runner")
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("", vs.Job.DataSource(local=vs.Job.Local())),
+        ("--local", vs.Job.DataSource(local=vs.Job.Local())),
+        (
+            "--git https://example.com/r.git --ref v1 --path sub/dir",
+            vs.Job.DataSource(
+                git=vs.Job.Git(url="https://example.com/r.git", ref="v1", path="sub/dir")
+            ),
+        ),
+        (
+            "--git https://example.com/r.git",
+            vs.Job.DataSource(git=vs.Job.Git(url="https://example.com/r.git")),
+        ),
+    ],
+    ids=["default", "local", "git-ref-path", "git"],
+)
+def test_queued_jobs_carry_a_data_source(
+    address: str, direct: Direct, flags: str, expected: vs.Job.DataSource
+) -> None:
+    for command in (f"job queue --op noop {flags}", f"job queue up --target web {flags}"):
+        job_id = ok(address, command).strip()
+        try:
+            assert direct.job(job_id).data_source == expected, command
+        finally:
+            direct.vagrant.CancelJob(vs.CancelJobRequest(job_id=job_id), timeout=10)
+
+
+@pytest.mark.usefixtures("no_runner")
+def test_a_project_with_a_data_source_gives_it_to_jobs_by_default(
+    address: str, direct: Direct
+) -> None:
+    """Upstream's QueueJob rule: a job sent without one takes its project's."""
+    source = vs.Job.DataSource(git=vs.Job.Git(url="https://example.com/p.git", ref="main"))
+    basis = direct.vagrant.UpsertBasis(
+        vs.UpsertBasisRequest(basis=t.basis("ds-basis", "/srv/ds-basis")), timeout=10
+    ).basis
+    project = t.project(t.basis_ref(basis), name="ds-project", data_source=source)
+    direct.vagrant.UpsertProject(vs.UpsertProjectRequest(project=project), timeout=10)
+    for flags, expected in (("", source), ("--local", vs.Job.DataSource(local=vs.Job.Local()))):
+        job_id = ok(address, f"job queue up --project ds-project {flags}").strip()
+        try:
+            assert direct.job(job_id).data_source == expected, flags
+        finally:
+            direct.vagrant.CancelJob(vs.CancelJobRequest(job_id=job_id), timeout=10)
 
 
 @pytest.mark.usefixtures("no_runner")
@@ -414,8 +544,24 @@ def test_run_with_no_runner_says_none_is_connected(expired: Expired) -> None:
         ("run up", ["--target"]),
         ("job queue --op bogus", ["--op must be one of", "noop", "'bogus'"]),
         ("job queue", ["needs a COMMAND"]),
+        ("job queue --op noop --git https://x/r.git --local", ["--git and --local", "one"]),
+        ("job queue --op noop --ref main", ["--ref and --path go with --git"]),
+        ("run up --target web --path sub", ["--ref and --path go with --git"]),
+        ("run up --target web --git https://x/r.git --path ../up", ["--path must be relative"]),
+        ("job queue --op noop --git https://x/r.git --path /abs", ["--path must be relative"]),
     ],
-    ids=["get-unknown", "watch-unknown", "run-without-target", "bogus-op", "no-command"],
+    ids=[
+        "get-unknown",
+        "watch-unknown",
+        "run-without-target",
+        "bogus-op",
+        "no-command",
+        "git-and-local",
+        "ref-without-git",
+        "run-path-without-git",
+        "path-escapes",
+        "path-absolute",
+    ],
 )
 def test_errors_are_one_line_and_exit_1(address: str, command: str, fragments: list[str]) -> None:
     assert_cli_error(cli_once(address, command), *fragments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 from typing import Annotated
@@ -12,7 +13,7 @@ from google.protobuf.empty_pb2 import Empty
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from waystation.cli.output import Context, call, err, fail, out, print_json, print_table, rpc_errors
-from waystation.cli.watch import Renderer, exit_code, rows, summary
+from waystation.cli.watch import Renderer, Waiting, exit_code, rows, state_text, summary
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -31,6 +32,27 @@ RunnerOpt = Annotated[
 ]
 ExpiresOpt = Annotated[
     str, typer.Option("--expires-in", help="Cancel if no runner took it by then, e.g. 10m.")
+]
+GitOpt = Annotated[
+    str,
+    typer.Option(
+        "--git", metavar="URL", help="Data source: the runner works in a checkout of this repo."
+    ),
+]
+RefOpt = Annotated[
+    str,
+    typer.Option("--ref", help="With --git: branch, tag or commit. [default: the repo's HEAD]"),
+]
+PathOpt = Annotated[
+    str, typer.Option("--path", help="With --git: the subdirectory to work in (relative).")
+]
+LocalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--local",
+        help="Data source: the runner's own files. [default, unless the job's project or "
+        "basis has a data source of its own]",
+    ),
 ]
 
 
@@ -113,6 +135,59 @@ def _project_for_new_target(c: Context, stub: vs_grpc.VagrantStub, project: str)
     return sdk.Ref.Project(resource_id=made.resource_id)
 
 
+def _data_source(git: str, ref: str, path: str, local: bool) -> vs.Job.DataSource | None:
+    """What the flags ask for; None for the default. Checked before anything is created."""
+    if git and local:
+        fail("--git and --local are two data sources: give one")
+    if (ref or path) and not git:
+        fail("--ref and --path go with --git URL")
+    if git:
+        normalized = posixpath.normpath(path or ".")
+        if posixpath.isabs(path) or normalized == ".." or normalized.startswith("../"):
+            fail(f"--path must be relative and stay inside the repository, got {path!r}")
+        return vs.Job.DataSource(git=vs.Job.Git(url=git, ref=ref, path=path))
+    if local:
+        return vs.Job.DataSource(local=vs.Job.Local())
+    return None
+
+
+def _set_data_source(ctx: typer.Context, job: vs.Job, source: vs.Job.DataSource | None) -> None:
+    """Every job we queue carries a data source (upstream's runner fails one without).
+
+    The default is Local, as upstream's client sets, unless the job's project or
+    basis has a data source of its own: then none is sent and the server gives the
+    job that one (QueueJob's rule), so it carries one either way.
+    """
+    if source is not None:
+        job.data_source.CopyFrom(source)
+        return
+    c, stub = _stubs(ctx)
+    kind = job.WhichOneof("scope")
+    project_id = basis_id = ""
+    if kind == "target":
+        query = vs.Target(resource_id=job.target.resource_id)
+        project_id = call(
+            c, stub.FindTarget, vs.FindTargetRequest(target=query)
+        ).target.project.resource_id
+    elif kind == "project":
+        project_id = job.project.resource_id
+    elif kind == "basis":
+        basis_id = job.basis.resource_id
+    if project_id:
+        query_p = vs.Project(resource_id=project_id)
+        project = call(c, stub.FindProject, vs.FindProjectRequest(project=query_p)).project
+        if project.HasField("data_source"):
+            return
+        basis_id = project.basis.resource_id
+    if basis_id:
+        query_b = vs.Basis(resource_id=basis_id)
+        if call(c, stub.FindBasis, vs.FindBasisRequest(basis=query_b)).basis.HasField(
+            "data_source"
+        ):
+            return
+    job.data_source.local.SetInParent()
+
+
 def _build(
     job: vs.Job, operation: str, command: str | None, args: list[str], runner: str
 ) -> vs.Job:
@@ -151,29 +226,46 @@ def queue(
     operation: Annotated[str, typer.Option("--op", help="Operation: " + ", ".join(OPERATIONS))] = (
         "command"
     ),
+    git: GitOpt = "",
+    ref: RefOpt = "",
+    path: PathOpt = "",
+    local: LocalOpt = False,
 ) -> None:
     """Queue a job and print its id."""
+    source = _data_source(git, ref, path, local)
     job = _build(_scope(ctx, target, project, basis, False), operation, command, args or [], runner)
+    _set_data_source(ctx, job, source)
     out.print(_queue(ctx, job, expires_in))
 
 
-@app.command(
-    "run",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
+@app.command("run")
 def run(
     ctx: typer.Context,
     command: Annotated[str, typer.Argument(help="The command to run, e.g. up.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Its arguments, after `--` (e.g. exec ... -- 'uname -a')."),
+    ] = None,
     target: TargetOpt = "",
     project: ProjectOpt = "",
     basis: BasisOpt = "",
     runner: RunnerOpt = "",
     expires_in: ExpiresOpt = "",
+    git: GitOpt = "",
+    ref: RefOpt = "",
+    path: PathOpt = "",
+    local: LocalOpt = False,
 ) -> None:
-    """Queue a command on a target and watch it; exit with its status."""
+    """Queue a command on a target and watch it; exit with its status.
+
+    Arguments for the command itself go after `--`; an option before it that
+    `run` does not know is an error, never passed on.
+    """
     if not (target or project or basis):
         fail("say where to run it: --target NAME (or --project / --basis)")
-    job = _build(_scope(ctx, target, project, basis, True), "command", command, ctx.args, runner)
+    source = _data_source(git, ref, path, local)
+    job = _build(_scope(ctx, target, project, basis, True), "command", command, args or [], runner)
+    _set_data_source(ctx, job, source)
     job_id = _queue(ctx, job, expires_in)
     err.print(f"queued job {job_id}")
     raise typer.Exit(_watch(ctx, job_id))
@@ -188,7 +280,7 @@ def watch(ctx: typer.Context, job_id: str) -> None:
 def _watch(ctx: typer.Context, job_id: str) -> int:
     c, stub = _stubs(ctx)
     started = time.monotonic()
-    spinner = err.status("waiting for the job...") if err.is_terminal else None
+    spinner = Waiting(err, "waiting for the job...") if err.is_terminal else None
     if spinner is not None:
         spinner.start()
     renderer = Renderer(out, spinner)
@@ -313,11 +405,23 @@ def cancel(ctx: typer.Context, job_id: str) -> None:
     c, stub = _stubs(ctx)
     before = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id), about=f"job {job_id!r}")
     if before.state in (vs.Job.SUCCESS, vs.Job.ERROR):
-        out.print(f"job {job_id} had already finished: {vs.Job.State.Name(before.state).lower()}")
+        out.print(f"job {job_id} had already finished: {_state_word(before)}", markup=False)
         return
     call(c, stub.CancelJob, vs.CancelJobRequest(job_id=job_id))
     job = call(c, stub.GetJob, vs.GetJobRequest(job_id=job_id))
-    out.print(f"job {job_id}: {vs.Job.State.Name(job.state).lower()}", markup=False)
+    if job.state not in (vs.Job.SUCCESS, vs.Job.ERROR):
+        # A job a runner holds is asked to stop; it ends when the runner says so.
+        again = "" if before.HasField("cancel_time") else " (cancel again to force it)"
+        out.print(f"job {job_id}: cancel requested{again}", markup=False)
+    elif job.state == vs.Job.ERROR and job.HasField("cancel_time"):
+        forced = " (forced)" if before.HasField("cancel_time") else ""
+        out.print(f"job {job_id}: cancelled{forced}", markup=False)
+    else:  # it finished on its own meanwhile
+        out.print(f"job {job_id} had already finished: {_state_word(job)}", markup=False)
+
+
+def _state_word(job: vs.Job) -> str:
+    return state_text(job).lower()
 
 
 @app.command("validate")

@@ -31,9 +31,8 @@ app.add_typer(auth.token_app, name="token")
 app.add_typer(auth.context_app, name="context")
 app.add_typer(snapshot.app, name="snapshot")
 app.command("login")(auth.login)
-app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-    jobs.run
-)
+# No extra args nor unknown options: the command's own arguments come after `--`.
+app.command("run")(jobs.run)
 for name, sub in (*state.apps.items(), *provisioning.apps.items()):
     app.add_typer(sub, name=name)
 

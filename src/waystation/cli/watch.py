@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import sys
 import time
 from collections.abc import Iterable
 
-from rich.console import Console
-from rich.status import Status
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
@@ -17,13 +19,91 @@ Event = vs.GetJobStreamResponse.Terminal.Event
 State = vs.Job.State
 
 
-class Renderer:
-    """Turns GetJobStream responses into terminal output, live."""
+class Waiting:
+    """A spinner line on a terminal (`console`, stderr) that output goes above, never into.
 
-    def __init__(self, console: Console, waiting: Status | None = None) -> None:
+    Rich's own Status redirects sys.stdout into its console even when stdout is a
+    pipe, and raw writes to sys.stdout.buffer bypass it and land on the spinner's
+    line; so nothing is redirected here and callers print through `print`.
+    """
+
+    def __init__(self, console: Console, text: str, clock: bool = False) -> None:
+        self.console = console
+        self.text = text
+        self.clock = clock  # show how long it has waited
+        self.since = time.monotonic()
+        self._spinner = Spinner("dots", style="status.spinner")
+        self._live = Live(
+            console=console,
+            get_renderable=self._render,
+            refresh_per_second=12.5,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+
+    def _render(self) -> RenderableType:
+        text = self.text
+        if self.clock:
+            text += f" (waited {waited(time.monotonic() - self.since)})"
+        self._spinner.update(text=text)
+        return self._spinner
+
+    def start(self) -> None:
+        self._live.start()
+
+    def update(self, text: str, restart_clock: bool = False) -> None:
+        self.text = text
+        if restart_clock:
+            self.since = time.monotonic()
+
+    def print(self, *renderables: RenderableType) -> None:
+        """Print above the spinner."""
+        self.console.print(*renderables, soft_wrap=True)
+
+    def stop(self) -> None:
+        self._live.stop()
+
+
+def waited(seconds: float) -> str:
+    """`42s`, `3m05s`, `1h02m`: how long something has waited."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+class Renderer:
+    """Turns GetJobStream responses into terminal output, live.
+
+    While a spinner shows on the terminal that stdout also goes to, output is
+    printed above it (through its console) rather than written into its line.
+    """
+
+    def __init__(self, console: Console, waiting: Waiting | None = None) -> None:
         self.console = console
         self.spinner = waiting
         self.steps: dict[int, str] = {}
+        self._decoders = {
+            False: codecs.getincrementaldecoder("utf-8")("replace"),
+            True: codecs.getincrementaldecoder("utf-8")("replace"),
+        }
+        self._partial = {False: "", True: ""}  # raw output's unfinished line, per stream
+
+    def _above(self) -> Waiting | None:
+        """The spinner to print above, if one shares the screen with our output."""
+        if self.spinner is not None and self.console.is_terminal:
+            return self.spinner
+        return None
+
+    def _print(self, renderable: RenderableType) -> None:
+        above = self._above()
+        if above is not None:
+            above.print(renderable)
+        else:
+            self.console.print(renderable, soft_wrap=True)
 
     def render(self, response: vs.GetJobStreamResponse) -> None:
         kind = response.WhichOneof("event")
@@ -39,6 +119,7 @@ class Renderer:
 
     def close(self) -> None:
         if self.spinner is not None:
+            self._flush_raw()
             self.spinner.stop()
             self.spinner = None
 
@@ -55,22 +136,39 @@ class Renderer:
         kind = event.WhichOneof("event")
         if kind == "line":
             style = event.line.color or ("bold" if event.line.style == "header" else "")
-            self.console.print(Text(event.line.msg, style=style), soft_wrap=True)
+            self._print(Text(event.line.msg, style=style))
         elif kind == "status":
             if event.status.msg:
                 self.set_waiting(event.status.msg)
         elif kind == "step":
             self._step(event.step)
         elif kind == "raw":
-            stream = sys.stderr.buffer if event.raw.stderr else sys.stdout.buffer
-            self.console.file.flush()
-            stream.write(event.raw.data)
-            stream.flush()
+            self._raw(event.raw.data, event.raw.stderr)
         elif kind == "table":
             self._table(event.table)
         elif kind == "named_values":
             for value in event.named_values.values:
-                self.console.print(Text.assemble((value.name, "bold"), ": ", value.value))
+                self._print(Text.assemble((value.name, "bold"), ": ", value.value))
+
+    def _raw(self, data: bytes, stderr: bool) -> None:
+        if self._above() is None:
+            stream = sys.stderr.buffer if stderr else sys.stdout.buffer
+            self.console.file.flush()
+            stream.write(data)
+            stream.flush()
+            return
+        # Above the spinner only whole lines can go; the rest waits for its end.
+        text = self._partial[stderr] + self._decoders[stderr].decode(data)
+        *lines, self._partial[stderr] = text.split("\n")
+        for line in lines:
+            self._print(Text.from_ansi(line))
+
+    def _flush_raw(self) -> None:
+        for stderr, rest in self._partial.items():
+            rest += self._decoders[stderr].decode(b"", final=True)
+            if rest:
+                self._print(Text.from_ansi(rest))
+            self._partial[stderr] = ""
 
     def _step(self, step: Event.Step) -> None:
         if not step.close:
@@ -80,9 +178,9 @@ class Renderer:
         opened = self.steps.pop(step.id, "")
         ok = step.status in ("", "success")
         mark = Text("✓ ", style="green") if ok else Text("✗ ", style="red")
-        self.console.print(mark + Text(step.msg or opened))
+        self._print(mark + Text(step.msg or opened))
         if step.output:
-            self.console.print(Text(step.output.decode(errors="replace")))
+            self._print(Text(step.output.decode(errors="replace")))
 
     def _table(self, table: Event.Table) -> None:
         rendered = Table(box=None, header_style="bold", pad_edge=False)
@@ -90,7 +188,7 @@ class Renderer:
             rendered.add_column(header.upper())
         for row in table.rows:
             rendered.add_row(*(Text(e.value, style=e.color) for e in row.entries))
-        self.console.print(rendered)
+        self._print(rendered)
 
 
 def exit_code(job: vs.Job) -> int:
@@ -140,11 +238,19 @@ def scope_name(job: vs.Job) -> str:
     return f"{kind} {ref.name or ref.resource_id}"
 
 
+def state_text(job: vs.Job) -> str:
+    """The state as listed: a command that exited non-zero shows as `exit N`, not SUCCESS."""
+    code = exit_code(job)
+    if job.state == vs.Job.SUCCESS and code:
+        return f"exit {code}"
+    return State.Name(job.state)
+
+
 def rows(jobs: Iterable[vs.Job]) -> list[list[str]]:
     return [
         [
             j.id,
-            State.Name(j.state),
+            state_text(j),
             describe(j),
             scope_name(j),
             j.assigned_runner.id,
