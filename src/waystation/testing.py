@@ -26,6 +26,7 @@ from waystation.client import Connection
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.wire import RESUME_EVENTS, RESUME_JOB
 
 _seq = itertools.count(1)
 
@@ -212,12 +213,16 @@ class FakeRunner:
     def job_stream(self) -> JobStream:
         return JobStream(self.stub, self.runner.id)
 
+    def resume_stream(self, job_id: str, runner_id: str | None = None) -> JobStream:
+        """A RunnerJobStream that resumes `job_id` (waystation's extension)."""
+        return JobStream(self.stub, runner_id or self.runner.id, resume=job_id)
+
 
 class JobStream:
     Req = vs.RunnerJobStreamRequest
 
-    def __init__(self, stub: Any, runner_id: str) -> None:
-        self.call = stub.RunnerJobStream()
+    def __init__(self, stub: Any, runner_id: str, resume: str = "") -> None:
+        self.call = stub.RunnerJobStream(metadata=((RESUME_JOB, resume),) if resume else None)
         self.runner_id = runner_id
 
     async def send(self, **event: Any) -> None:
@@ -237,6 +242,14 @@ class JobStream:
         job = await self.assignment(timeout)
         await self.send(ack=self.Req.Ack())
         return job
+
+    async def resumed(self, timeout: float = 30) -> tuple[vs.Job, int]:
+        """Request on a resume stream: the job's Assignment again, and how many of
+        its output events the server holds (the response header)."""
+        await self.request()
+        job = await self.assignment(timeout)
+        header = dict(await self.call.initial_metadata())
+        return job, int(header[RESUME_EVENTS])
 
     async def output(self, *lines: str) -> None:
         await self.send(terminal=lines_event(*lines))

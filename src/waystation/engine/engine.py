@@ -73,6 +73,7 @@ class JobEngine:
         self._waiters: list[Waiter] = []
         self._daemon_waiters: list[DaemonWaiter] = []
         self._logs: dict[str, OutputLog] = {}
+        self._attached: dict[str, _Attachment] = {}  # job id -> its runner stream here
         self._connected: dict[str, int] = {}  # runner id -> open config streams here
         self._timer_wake = asyncio.Event()
         self._next_timer: float | None = None
@@ -293,6 +294,33 @@ class JobEngine:
         self.feed.publish(job_topic(job.id))
         return acked
 
+    async def resume(self, job_id: str, runner_id: str) -> vs.Job:
+        """A runner's new stream carries on with its RUNNING job (FAILED_PRECONDITION
+        if the job is not that): its heartbeat deadline starts over."""
+        if self._draining:
+            raise Unavailable("the server is shutting down; resume on another")
+        heartbeat = to_us(self.timeouts.heartbeat)
+        job = await self.db.write(job_tx.job_resume, job_id, runner_id, now_us(), heartbeat)
+        self._arm(self.timeouts.heartbeat)
+        return job
+
+    @contextlib.asynccontextmanager
+    async def attached(self, job_id: str, detach: Callable[[], None]) -> AsyncIterator[None]:
+        """A runner stream carries the job on this server. A resumed stream takes
+        over from a stale one (its runner lost it, we did not notice yet): the old
+        one is told to let go and waited for, so that one writer at a time appends
+        the job's output and the count of events it holds is exact."""
+        while (old := self._attached.get(job_id)) is not None:
+            old.detach()
+            await old.gone.wait()
+        mine = _Attachment(detach)
+        self._attached[job_id] = mine
+        try:
+            yield
+        finally:
+            del self._attached[job_id]
+            mine.gone.set()
+
     async def nack(self, job: vs.Job, runner_id: str) -> None:
         assigned_at = job.assign_time.ToMicroseconds()
         if await self.db.write(job_tx.job_nack, job.id, runner_id, assigned_at):
@@ -439,13 +467,21 @@ class JobEngine:
                 del self._logs[job_id]
 
     @contextlib.asynccontextmanager
-    async def output_writer(self, job_id: str) -> AsyncIterator[OutputAppender]:
-        # A job's output starts after its ack, so there is nothing to load.
-        async with self.output(job_id, load=False) as output:
+    async def output_writer(
+        self, job_id: str, *, resume: bool = False
+    ) -> AsyncIterator[OutputAppender]:
+        """The appender of a runner stream attached to the job (see `attached`).
+        A job's output starts after its ack, so an acked stream has nothing to
+        load; a resumed one loads what is persisted (and only that: the writer
+        before it flushed when it let go) and counts its events."""
+        async with self.output(job_id, load=resume) as output:
             output.local_writer = True
             writer = OutputWriter(self.db, output)
+            appender = OutputAppender(self, output, writer)
+            if resume:
+                appender.events = sum(len(batch.events) for batch in output.batches)
             try:
-                yield OutputAppender(self, output, writer)
+                yield appender
             finally:
                 await writer.flush()
                 output.local_writer = False
@@ -601,6 +637,12 @@ class JobEngine:
 OUTPUT_WAKE_SECONDS = 0.025
 
 
+@dataclass(eq=False)
+class _Attachment:
+    detach: Callable[[], None]
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass
 class OutputAppender:
     """What a runner stream uses to add output to its job."""
@@ -608,6 +650,7 @@ class OutputAppender:
     engine: JobEngine
     output: OutputLog
     writer: OutputWriter
+    events: int = 0  # on a resumed stream: the events persisted before it
     _woke_at: float = -math.inf
     _pending: asyncio.TimerHandle | None = None
 

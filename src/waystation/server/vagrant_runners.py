@@ -18,6 +18,7 @@ from waystation.errors import FailedPrecondition
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.errors import rpc
 from waystation.store import runners as runner_tx
+from waystation.wire import RESUME_EVENTS, RESUME_JOB
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,16 @@ class RunnerRPCs:
            already ended, and we close the stream).
         5. Complete or Error ends the job, after its output is persisted.
         A stream that breaks before the ack requeues the job at once; after
-        the ack the job is left to the heartbeat timeout, as upstream.
+        the ack the job is left to the heartbeat timeout, as upstream, unless
+        the runner resumes it (our extension, `_resume`).
         """
+        resuming = _metadata(context, RESUME_JOB)
         first = await _first(requests)
         if first is None or first.WhichOneof("event") != "request":
             raise FailedPrecondition("first message must be a Request event")
+        if resuming is not None:
+            await self._resume(resuming, first.request.runner_id, requests, context)
+            return
         runner = await self.engine.db.read(runner_tx.runner_get, first.request.runner_id)
         runner_id = runner.id
 
@@ -111,17 +117,56 @@ class RunnerRPCs:
             acked = await self.engine.ack(job, runner_id)
             if feed.version(topic) == before + 1:
                 changed.clear()  # that was the ack's own publish
+            await self._follow(acked, runner_id, requests, context, changed)
 
-            # Steps 4 and 5.
-            async with self.engine.output_writer(job.id) as output:
-                ending = asyncio.Event()  # set once the runner itself ends the job
-                watcher = asyncio.ensure_future(self._watch_cancel(acked, changed, context, ending))
-                try:
-                    await self._run(job.id, runner_id, requests, output, watcher, ending)
-                finally:
-                    watcher.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watcher
+    async def _resume(
+        self, job_id: str, runner_id: str, requests: AsyncIterator[Request], context: Ctx
+    ) -> None:
+        """A runner that lost the server while running a job carries on with it:
+        the job must be RUNNING and held by this runner (else FAILED_PRECONDITION
+        and nothing changes; a refused resume never gets other work). We answer
+        with its Assignment again (no second ack) and, in the response header,
+        how many output events we hold; the runner re-sends from there and goes
+        on as after an ack."""
+        with self.engine.feed.subscribe(job_topic(job_id)) as changed:
+            job = await self.engine.resume(job_id, runner_id)
+            await self._follow(job, runner_id, requests, context, changed, resume=True)
+
+    async def _follow(
+        self,
+        job: vs.Job,
+        runner_id: str,
+        requests: AsyncIterator[Request],
+        context: Ctx,
+        changed: asyncio.Event,
+        *,
+        resume: bool = False,
+    ) -> None:
+        """Steps 4 and 5, on an acked or a resumed stream. `job` is its state when
+        `changed` was last cleared."""
+        detached = asyncio.Event()
+
+        def detach() -> None:  # a resumed stream of this job takes over
+            detached.set()
+            changed.set()
+
+        async with (
+            self.engine.attached(job.id, detach),
+            self.engine.output_writer(job.id, resume=resume) as output,
+        ):
+            if resume:
+                await context.send_initial_metadata(((RESUME_EVENTS, str(output.events)),))
+                await context.write(Response(assignment=Response.JobAssignment(job=job)))
+            ending = asyncio.Event()  # set once the runner itself ends the job
+            watcher = asyncio.ensure_future(
+                self._watch_cancel(job, changed, context, ending, detached)
+            )
+            try:
+                await self._run(job.id, runner_id, requests, output, watcher, ending)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
     async def _run(
         self,
@@ -168,12 +213,18 @@ class RunnerRPCs:
                 raise FailedPrecondition(f"unexpected event while running: {kind}")
 
     async def _watch_cancel(
-        self, job: vs.Job, changed: asyncio.Event, context: Ctx, ending: asyncio.Event
+        self,
+        job: vs.Job,
+        changed: asyncio.Event,
+        context: Ctx,
+        ending: asyncio.Event,
+        detached: asyncio.Event,
     ) -> None:
-        """Send Cancel when the job is cancelled; return once it was forced to end.
-        `job` is its state when `changed` (its feed) was last cleared."""
+        """Send Cancel when the job is cancelled; return once it was forced to end
+        (or another stream took the job over). `job` is its state when `changed`
+        (its feed) was last cleared."""
         signalled = False
-        while not ending.is_set():
+        while not ending.is_set() and not detached.is_set():
             if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
                 await context.write(Response(cancel=Response.JobCancel(force=True)))
                 return
@@ -183,6 +234,13 @@ class RunnerRPCs:
             await wait(changed, self.engine.timeouts.poll)
             changed.clear()
             job = await self.engine.get(job.id)
+
+
+def _metadata(context: Ctx, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return str(value)
+    return None
 
 
 async def _first(requests: AsyncIterator[Any]) -> Any:

@@ -361,6 +361,38 @@ def job_heartbeat(
     )
 
 
+def job_resume(
+    conn: Connection, job_id: str, runner_id: str, now: int, heartbeat_timeout: int
+) -> vs.Job:
+    """A runner carries on with its RUNNING job on a new stream (after losing the
+    server): the job as it stands, its heartbeat deadline renewed. Anything else
+    is FAILED_PRECONDITION saying why, and changes nothing."""
+    row = _RESUME.one(conn, id=job_id, rid=runner_id.lower(), deadline=now + heartbeat_timeout)
+    if row is not None:
+        return _message(JobRow._make(row))
+    try:
+        current = job_row(conn, job_id)
+    except NotFound:
+        raise FailedPrecondition(f"cannot resume job {job_id}: no such job") from None
+    if current.state != RUNNING:
+        state = rules.state_name(current.state)
+        raise FailedPrecondition(f"cannot resume job {job_id}: it is {state}, not RUNNING")
+    raise FailedPrecondition(f"cannot resume job {job_id}: it is held by another runner")
+
+
+_RESUME = Prepared(
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("id"),
+        jobs.c.kind == VAGRANT,
+        jobs.c.state == RUNNING,
+        jobs.c.assigned_runner == sa.bindparam("rid"),
+    )
+    .values(heartbeat_deadline=sa.bindparam("deadline"))
+    .returning(*jobs.c)
+)
+
+
 def job_complete(
     conn: Connection,
     job_id: str,
