@@ -249,6 +249,88 @@ def test_token_inspect_follows_the_selected_context(tmp_path: Path) -> None:
     assert table(ok(config, "--context", "two", "token", "inspect"))[0][0] == ident
 
 
+def labelled(stdout: str) -> dict[str, str]:
+    """`label: value` lines as a dict."""
+    return {
+        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in stdout.splitlines())
+    }
+
+
+def test_whoami_logout_and_context_delete(
+    tmp_path: Path, servers: Callable[[t.ServerProcess], str]
+) -> None:
+    server = t.ServerProcess(tmp_path / "data", auth=True)
+    address = servers(server)
+    admin = (tmp_path / "admin.json", "--address", address, "--token", server.token)
+    config = tmp_path / "contexts.json"
+    invite = ok(*admin, "token", "invite", "--duration", "1h").strip()
+    ok(config, "--address", address, "login", "--invite", invite, "--name", "work")
+    token = saved_token(config, "work")
+    ident = tokens.token_id_hex(tokens.unverified(token)[0])
+
+    # Decoded here, confirmed by the server.
+    assert labelled(ok(config, "whoami")) == {
+        "server": f"{address} (context work)",
+        "user": "vagrant",
+        "token id": ident,
+        "expires": "never",
+        "server says": "accepted",
+    }
+    assert json.loads(ok(config, "whoami", "--json")) == {
+        "address": address,
+        "context": "work",
+        "user": "vagrant",
+        "token_id": ident,
+        "kind": "login",
+        "expires": None,
+        "accepted": True,
+        "refused_because": None,
+    }
+    inspected = json.loads(ok(config, "token", "inspect", invite, "--json"))
+    assert inspected["kind"] == "invite" and inspected["user"] == ""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", inspected["valid_until"])
+    assert json.loads(ok(config, "token", "inspect", "--json"))["id"] == ident
+
+    # Revoked on the server: whoami still decodes it, and says the server refuses it.
+    ok(*admin, "token", "revoke", ident)
+    refused = cli(config, "whoami")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, show(refused)
+    said = labelled(refused.stdout)
+    assert said["token id"] == ident and said["server says"].startswith("refused: "), said
+    assert "revoked" in said["server says"], said
+    refused_json = json.loads(cli(config, "whoami", "--json").stdout)
+    assert refused_json["accepted"] is False and "revoked" in refused_json["refused_because"]
+
+    # logout forgets the token here, and says so; the context stays.
+    out = ok(config, "logout")
+    assert f"logged out of context work ({address})" in out and ident in out, out
+    assert saved_token(config, "work") == ""
+    assert saved(config)["current"] == "work"
+    assert "nothing to forget" in ok(config, "logout")
+    assert json.loads(ok(config, "logout", "--json"))["forgotten_token_id"] is None
+    no_token = cli(config, "whoami")
+    assert no_token.returncode == 1, show(no_token)
+    assert labelled(no_token.stdout)["token"].startswith("none"), show(no_token)
+
+    # context delete: another context stays current; deleting the current one leaves none.
+    invite2 = ok(*admin, "token", "invite", "--duration", "1h").strip()
+    ok(config, "--address", address, "login", "--invite", invite2, "--name", "other")
+    listed = json.loads(ok(config, "context", "list", "--json"))
+    assert [(c["name"], c["current"], c["logged_in"]) for c in listed] == [
+        ("other", True, True),
+        ("work", False, False),
+    ]
+    assert "token" not in json.dumps(listed).replace("logged_in", "")
+    assert json.loads(ok(config, "context", "delete", "work", "--json")) == {
+        "deleted": "work",
+        "was_current": False,
+    }
+    assert ok(config, "context", "delete", "other").strip() == "deleted context other"
+    assert saved(config) == {"current": "", "contexts": {}}
+    error(cli(config, "context", "delete", "nope"), "no context 'nope'")
+    error(cli(config, "logout"), "no current context")
+
+
 # -- --dev -----------------------------------------------------------------------------
 
 
@@ -339,9 +421,10 @@ def test_tls(
         "list",
     )
 
-    # A plain client cannot talk to a TLS server; nor can TLS that trusts only system roots.
+    # A plain client cannot talk to a TLS server, and is told to use --tls; nor can TLS
+    # that trusts only system roots.
     line = error(cli(other, *with_token, "basis", "list"))
-    assert address in line
+    assert address in line and "speaks TLS" in line and "--tls" in line, line
     refused = cli(other, *with_token, "--tls", "basis", "list")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, show(refused)
     assert refused.stderr.splitlines()[-1].startswith("error: "), show(refused)
@@ -448,5 +531,10 @@ def test_server_keys_rotate_list_retire(
         for line in ok(config, *keys, "list", "--data-dir", str(data)).splitlines()
     ]
     assert listed == [["k1", "retired"], ["k2", "active"]]
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z"
+    keys_json = json.loads(ok(config, *keys, "list", "--data-dir", str(data), "--json"))
+    assert [(k["id"], k["state"]) for k in keys_json] == [("k1", "retired"), ("k2", "active")]
+    assert re.fullmatch(stamp, keys_json[0]["created"]), keys_json
+    assert re.fullmatch(stamp, keys_json[0]["retired"]) and keys_json[1]["retired"] is None
     error(cli(config, *keys, "retire", "k2", "--data-dir", str(data)), "only active key")
     error(cli(config, *keys, "retire", "k7", "--data-dir", str(data)), "no active key")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +68,28 @@ class Connection:
             # The certificate may name another host; accept it for what it says.
             return [*OPTIONS, ("grpc.ssl_target_name_override", _cert_name(self.address))]
         return list(OPTIONS)
+
+    def speaks_tls(self, details: str) -> bool:
+        """Whether a plaintext call that failed with `details` met a TLS server.
+
+        The failure reads like a dropped connection ("Socket closed"), so a TLS
+        handshake confirms it: only a TLS server answers one.
+        """
+        hints = ("socket closed", "connection reset", "handshake", "ssl", "tls", "end of file")
+        if not any(hint in details.lower() for hint in hints):
+            return False
+        host, _, port = self.address.rpartition(":")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # any certificate will do: is it TLS at all?
+        try:
+            with (
+                socket.create_connection((host.strip("[]") or "localhost", int(port)), 3) as sock,
+                context.wrap_socket(sock),
+            ):
+                return True
+        except (OSError, ValueError):
+            return False
 
     def channel(self) -> grpc.Channel:
         """A blocking channel (the CLI) that sends our metadata on every call."""

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf.empty_pb2 import Empty
 
-from waystation.cli.output import Context, call, fail, out, print_table, rpc_errors
+from waystation.cli.output import (
+    Context,
+    call,
+    fail,
+    out,
+    print_data,
+    print_table,
+    rfc3339,
+    rpc_errors,
+)
 from waystation.client import Connection, Contexts
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -17,6 +26,7 @@ from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 
 token_app = typer.Typer(help="Mint and revoke tokens.", no_args_is_help=True)
 context_app = typer.Typer(help="Saved servers and their credentials.", no_args_is_help=True)
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def login(
@@ -99,26 +109,42 @@ def login_token(ctx: typer.Context) -> None:
     out.print(call(c, vs_grpc.VagrantStub(c.channel).GenerateLoginToken, Empty()).token)
 
 
-@token_app.command("inspect")
-def inspect_token(
-    ctx: typer.Context,
-    token: Annotated[str, typer.Argument(help="A token (default: the one in use).")] = "",
-) -> None:
-    """Show a token's id (for revoke) and claims, without checking its signature."""
+def _claims(text: str) -> dict[str, Any]:
+    """What a token says of itself, decoded here and NOT verified (only the server can)."""
     from waystation.auth.tokens import unverified
 
-    c: Context = ctx.obj
-    text = token or c.connection.token
-    if not text:
-        fail("no token given and none saved: pass one")
     try:
         claims, key_id = unverified(text)
     except Exception as exc:
         fail(f"not a waystation token: {exc}")
-    kind = "invite" if claims.invite else "login"
-    valid = claims.valid_until.ToDatetime().isoformat() if claims.HasField("valid_until") else "-"
-    rows = [[claims.token_id.hex(), kind, claims.user, key_id, valid]]
-    print_table(["id", "kind", "user", "key", "valid until"], rows, "")
+    return {
+        "id": claims.token_id.hex(),
+        "kind": "invite" if claims.invite else "login",
+        "user": claims.user,
+        "key_id": key_id,
+        # RFC 3339; None: valid until revoked (or its key retired).
+        "valid_until": rfc3339(claims.valid_until) if claims.HasField("valid_until") else None,
+    }
+
+
+@token_app.command("inspect")
+def inspect_token(
+    ctx: typer.Context,
+    token: Annotated[str, typer.Argument(help="A token (default: the one in use).")] = "",
+    as_json: Json = False,
+) -> None:
+    """Show a token's id (for revoke) and claims, without checking its signature."""
+    c: Context = ctx.obj
+    text = token or c.connection.token
+    if not text:
+        fail("no token given and none saved: pass one")
+    claims = _claims(text)
+    if as_json:
+        return print_data(claims)
+    row = [claims["id"], claims["kind"], claims["user"], claims["key_id"]]
+    print_table(
+        ["id", "kind", "user", "key", "valid until"], [[*row, claims["valid_until"] or "-"]], ""
+    )
 
 
 @token_app.command("revoke")
@@ -134,9 +160,25 @@ def revoke_token(
 
 
 @context_app.command("list")
-def context_list() -> None:
+def context_list(as_json: Json = False) -> None:
     """List saved contexts; the current one is marked."""
     saved = Contexts.load()
+    if as_json:
+        # Never the tokens themselves: whether one is saved.
+        return print_data(
+            [
+                {
+                    "name": name,
+                    "current": name == saved.current,
+                    "address": conn.address,
+                    "tls": conn.uses_tls,
+                    "tls_ca": conn.tls_ca or None,
+                    "tls_skip_verify": conn.tls_skip_verify,
+                    "logged_in": bool(conn.token),
+                }
+                for name, conn in sorted(saved.contexts.items())
+            ]
+        )
     rows = [
         ["*" if name == saved.current else "", name, conn.address, "yes" if conn.uses_tls else "no"]
         for name, conn in sorted(saved.contexts.items())
@@ -153,3 +195,116 @@ def context_use(name: str) -> None:
     saved.current = name
     saved.save()
     out.print(f"using {name} ({saved.contexts[name].address})")
+
+
+@context_app.command("delete")
+def context_delete(name: str, as_json: Json = False) -> None:
+    """Forget a saved context (its token is not revoked: `waystation token revoke ID`)."""
+    saved = Contexts.load()
+    if name not in saved.contexts:
+        fail(f"no context {name!r}: see `waystation context list`")
+    del saved.contexts[name]
+    was_current = saved.current == name
+    if was_current:
+        saved.current = ""
+    saved.save()
+    if as_json:
+        return print_data({"deleted": name, "was_current": was_current})
+    note = ""
+    if was_current and saved.contexts:
+        note = "; no context is current now: `waystation context use NAME`"
+    out.print(f"deleted context {name}{note}", markup=False)
+
+
+def logout(ctx: typer.Context, as_json: Json = False) -> None:
+    """Forget the current context's token here (the server still accepts it until revoked)."""
+    c: Context = ctx.obj
+    saved = Contexts.load()
+    name = c.context_name
+    conn = saved.contexts.get(name)
+    if conn is None:
+        fail("no current context to log out of: see `waystation context list`")
+    forgotten = conn.token
+    token_id = _claims(forgotten)["id"] if forgotten else None
+    if forgotten:
+        conn.token = ""
+        saved.save()
+    # A --token or WAYSTATION_TOKEN given with this command is not ours to forget.
+    still = bool(c.connection.token) and c.connection.token != forgotten
+    if as_json:
+        return print_data(
+            {
+                "context": name,
+                "address": conn.address,
+                "forgotten_token_id": token_id,
+                "token_still_given": still,
+            }
+        )
+    if token_id is None:
+        out.print(f"context {name} ({conn.address}) has no saved token: nothing to forget")
+    else:
+        out.print(
+            f"logged out of context {name} ({conn.address}): its token {token_id} is forgotten "
+            f"here; the server accepts it until it is revoked (`waystation token revoke "
+            f"{token_id}`)",
+            markup=False,
+        )
+    if still:
+        out.print("note: a token given by --token or WAYSTATION_TOKEN is still in use")
+
+
+def whoami(ctx: typer.Context, as_json: Json = False) -> None:
+    """Who the server takes you for: address, user, token id and expiry, and whether it
+    accepts the token (exit 1 if not)."""
+    c: Context = ctx.obj
+    claims = _claims(c.connection.token) if c.connection.token else None
+    refused = _refusal(c)
+    info = {
+        "address": c.address,
+        "context": c.context_name or None,
+        "user": claims["user"] if claims else None,
+        "token_id": claims["id"] if claims else None,
+        "kind": claims["kind"] if claims else None,
+        "expires": claims["valid_until"] if claims else None,  # None: never
+        "accepted": refused is None,
+        "refused_because": refused,
+    }
+    if as_json:
+        print_data(info)
+    else:
+        context = f" (context {c.context_name})" if c.context_name else ""
+        lines = [("server", f"{c.address}{context}")]
+        if claims is None:
+            lines.append(("token", "none (`waystation login`, or pass --token)"))
+        else:
+            lines += [
+                ("user", claims["user"] or "-"),
+                ("token id", claims["id"]),
+                ("expires", claims["valid_until"] or "never"),
+            ]
+        verdict = "accepted" if refused is None else f"refused: {refused}"
+        if refused is None and claims is None:
+            verdict = "accepted without a token (authentication is off on this server)"
+        lines.append(("server says", verdict))
+        width = max(len(label) for label, _ in lines) + 1
+        for label, value in lines:
+            out.print(f"{label + ':':<{width}} {value}", markup=False)
+    if refused is not None:
+        raise typer.Exit(1)
+
+
+def _refusal(c: Context) -> str | None:
+    """Ask the server whether it accepts our token, by one cheap authenticated call:
+    None if it does, else its reason. Any answer but an auth refusal means the call
+    got past the token check (a job that does not exist is NOT_FOUND)."""
+    stub = vs_grpc.VagrantStub(c.channel)
+    try:
+        stub.GetJob(vs.GetJobRequest(job_id="00000000000000000000000000"), timeout=30)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            details: str = exc.details() or exc.code().name
+            return details
+        if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            with rpc_errors(c):
+                raise
+    return None

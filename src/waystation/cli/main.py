@@ -31,6 +31,8 @@ app.add_typer(auth.token_app, name="token")
 app.add_typer(auth.context_app, name="context")
 app.add_typer(snapshot.app, name="snapshot")
 app.command("login")(auth.login)
+app.command("logout")(auth.logout)
+app.command("whoami")(auth.whoami)
 # No extra args nor unknown options: the command's own arguments come after `--`.
 app.command("run")(jobs.run)
 for name, sub in (*state.apps.items(), *provisioning.apps.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ import grpc
 import typer
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -69,6 +71,11 @@ def rpc_errors(ctx: Context, about: str = "") -> Iterator[None]:
         if code == grpc.StatusCode.UNAUTHENTICATED:
             fail(f"{details} (log in with `waystation login`, or pass --token)")
         if code == grpc.StatusCode.UNAVAILABLE:
+            if not ctx.connection.uses_tls and ctx.connection.speaks_tls(details):
+                fail(
+                    f"the server at {ctx.address} speaks TLS and this client does not: "
+                    "pass --tls (and --tls-ca FILE if a private CA signed its certificate)"
+                )
             fail(
                 f"cannot reach the waystation server at {ctx.address} ({details}); "
                 "start one with `waystation server run` or pass --address"
@@ -100,8 +107,22 @@ def to_dict(message: Message) -> dict[str, Any]:
 
 
 def print_json(data: Message | Sequence[Message]) -> None:
+    """Messages as JSON; their Timestamps come out in RFC 3339, as everywhere in --json."""
     value = [to_dict(m) for m in data] if isinstance(data, Sequence) else to_dict(data)
+    print_data(value)
+
+
+def print_data(value: Any) -> None:
+    """Plain data as JSON (times already in RFC 3339: see `rfc3339`)."""
     out.print_json(json.dumps(value), highlight=False)
+
+
+def rfc3339(value: Timestamp | int) -> str:
+    """A Timestamp, or microseconds since the epoch, as RFC 3339 in UTC (`...Z`)."""
+    if isinstance(value, Timestamp):
+        return value.ToJsonString()
+    moment = datetime.datetime.fromtimestamp(value / 1_000_000, datetime.UTC)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:

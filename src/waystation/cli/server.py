@@ -188,10 +188,28 @@ def keys_retire(key_id: str, data_dir: DataDir = None, db: Db = "") -> None:
 
 
 @keys_app.command("list")
-def keys_list(data_dir: DataDir = None, db: Db = "") -> None:
+def keys_list(
+    data_dir: DataDir = None,
+    db: Db = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
     """List signing keys."""
+    from waystation.cli.output import print_data, rfc3339
     from waystation.store import auth
 
-    for key_id, created, retired in _store_write(data_dir, db, auth.keys_list):
-        state = "retired" if retired else "active"
-        typer.echo(f"{key_id}\t{state}\tcreated {created // 1_000_000}")
+    found = _store_write(data_dir, db, auth.keys_list)
+    if as_json:
+        return print_data(
+            [
+                {
+                    "id": key_id,
+                    "state": "retired" if retired else "active",
+                    "created": rfc3339(created),
+                    "retired": rfc3339(retired) if retired else None,
+                }
+                for key_id, created, retired in found
+            ]
+        )
+    for key_id, created, retired in found:
+        line = f"{key_id}\t{'retired' if retired else 'active'}\tcreated {rfc3339(created)}"
+        typer.echo(f"{line}\tretired {rfc3339(retired)}" if retired else line)
