@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 from grpc import aio
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+import waystation
 from waystation import testing as t
 from waystation.config import ServerSettings
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -201,3 +203,18 @@ async def test_an_unusable_metrics_address_fails_the_start(
         await start(replace(settings, metrics_listen="no-port"))
     # The running server still serves its own.
     assert value(await scrape(server), "waystation_runners_connected") == 0
+
+
+async def test_process_platform_and_build_series_and_no_created_series(
+    server: RunningServer,
+) -> None:
+    samples = await scrape(server)
+    names = {name for name, _ in samples}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
+    assert {"python_info", "python_gc_collections_total"} <= names
+    assert value(samples, "waystation_build_info", version=waystation.__version__) == 1
+    assert not [name for name in names if name.endswith("_created")]
+    # Filtered in our registry only: prometheus_client's global switch is untouched.
+    other = CollectorRegistry()
+    Counter("elsewhere", "A counter of another registry.", registry=other).inc()
+    assert other.get_sample_value("elsewhere_created") is not None

@@ -18,16 +18,26 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, RestrictedRegistry
 
+import waystation
 from waystation.store import jobs as job_tx
 
 if TYPE_CHECKING:
@@ -40,11 +50,50 @@ WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 SCRAPE_TIMEOUT = 10.0  # seconds a scrape waits for the database
 
 
+class Registry(CollectorRegistry):
+    """A registry without the `_created` series of counters and histograms: a
+    timestamp series per labelled series that dashboards do not read. Filtered
+    here, per registry, because prometheus_client's own switch
+    (disable_created_metrics) is one global for every registry in the process."""
+
+    def __init__(self) -> None:
+        # The process, platform and GC collectors describe nothing up front:
+        # this way scrapes restricted by name (?name[]=...) still reach them.
+        super().__init__(support_collectors_without_names=True)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in super().collect():
+            yield _without_created(family)
+
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        return super().restricted_registry(n for n in names if not n.endswith("_created"))
+
+
+def _without_created(family: Metric) -> Metric:
+    created = family.name + "_created"
+    if not any(sample.name == created for sample in family.samples):
+        return family
+    kept = Metric(family.name, family.documentation, family.type, family.unit)
+    kept.samples = [sample for sample in family.samples if sample.name != created]
+    return kept
+
+
 @dataclass
 class Metrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    registry: CollectorRegistry = field(default_factory=Registry)
 
     def __post_init__(self) -> None:
+        # What every Prometheus client serves by default: the process (CPU,
+        # memory, open files), the Python version and its garbage collector.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Gauge(
+            "waystation_build_info",
+            "Always 1, labelled with the waystation version serving.",
+            ("version",),
+            registry=self.registry,
+        ).labels(waystation.__version__).set(1)
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self.started = Counter(
             "grpc_server_started", "RPCs started on the server.", rpc, registry=self.registry
