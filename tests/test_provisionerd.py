@@ -787,23 +787,19 @@ async def test_complete_and_fail_ownership_and_payload_errors(prov: Prov, stub: 
 
     await ownership_errors(stub.CompleteJob, completed, pending.job_id, running.job_id)
     await ownership_errors(stub.FailJob, failed, pending.job_id, running.job_id)
-    must = "type payload must be provided"
+    # CompleteJob needs its type (FailJob does not: see the untyped FailJob tests).
     await expect_exact(
         stub.CompleteJob(pd.CompletedJob(job_id=running.job_id), metadata=md()),
         Code.INVALID_ARGUMENT,
-        must,
+        "type payload must be provided",
     )
-    await expect_exact(
-        stub.FailJob(pd.FailedJob(job_id=running.job_id, error="x"), metadata=md()),
-        Code.INVALID_ARGUMENT,
-        must,
-    )
+    mismatch = "type payload is workspace_build, but the job is a template_import"
     wrong = pd.CompletedJob(job_id=running.job_id, workspace_build=pd.CompletedJob.WorkspaceBuild())
-    await expect_exact(
-        stub.CompleteJob(wrong, metadata=md()),
-        Code.INVALID_ARGUMENT,
-        "type payload is workspace_build, but the job is a template_import",
+    await expect_exact(stub.CompleteJob(wrong, metadata=md()), Code.INVALID_ARGUMENT, mismatch)
+    wrong_fail = pd.FailedJob(
+        job_id=running.job_id, error="x", workspace_build=pd.FailedJob.WorkspaceBuild()
     )
+    await expect_exact(stub.FailJob(wrong_fail, metadata=md()), Code.INVALID_ARGUMENT, mismatch)
     assert (await get_job(prov, running.job_id)).status == Job.RUNNING
     await stub.CompleteJob(completed(running.job_id), metadata=md())
     again = "job already completed"
@@ -948,6 +944,160 @@ async def test_build_state_flows_and_destroy_deletes(prov: Prov, stub: Stub) -> 
     listed = await prov.ListWorkspaces(pv.ListWorkspacesRequest(owner="dora"))
     assert list(listed.workspaces) == []
     await expect_exact(build(prov, "dora", "ws", sdk.START), Code.NOT_FOUND, "workspace not found")
+
+
+async def test_a_mixed_case_daemon_id_comes_back_exactly(prov: Prov, stub: Stub) -> None:
+    daemon = md("Coder-Daemon-A")
+    version = await push(prov, "My-Template")
+    await acquire_id(stub, daemon, version.job_id)
+    # Its own reports are its own (ownership by the id as it came).
+    await stub.UpdateJob(pd.UpdateJobRequest(job_id=version.job_id), metadata=daemon)
+    assert (await get_job(prov, version.job_id)).daemon_id == "Coder-Daemon-A"
+    listed = (await prov.ListProvisionerDaemons(pv.ListProvisionerDaemonsRequest())).daemons
+    assert [(d.id, d.current_job_id) for d in listed] == [("Coder-Daemon-A", version.job_id)]
+    jobs = (await prov.ListProvisionerJobs(pv.ListProvisionerJobsRequest())).jobs
+    assert [j.daemon_id for j in jobs] == ["Coder-Daemon-A"]
+    _, states = await asyncio.gather(
+        stub.CompleteJob(
+            pd.CompletedJob(
+                job_id=version.job_id, template_import=pd.CompletedJob.TemplateImport()
+            ),
+            metadata=daemon,
+        ),
+        watch(prov, version.job_id),
+    )
+    assert {s.daemon_id for s in states[1]} == {"Coder-Daemon-A"}
+    assert (await get_version(prov, version.id)).job.daemon_id == "Coder-Daemon-A"
+    # Names come back as they were given too.
+    created = await create_workspace(prov, "My-Box", "Ann", "my-template")
+    assert (created.workspace.name, created.workspace.owner) == ("My-Box", "Ann")
+    assert created.workspace.template_name == "My-Template"
+    templates = (await prov.ListTemplates(pv.ListTemplatesRequest())).templates
+    assert [t.name for t in templates] == ["My-Template"]
+    ref = pv.WorkspaceRef(owner="Ann", name="my-box")
+    shown = await prov.GetWorkspace(pv.GetWorkspaceRequest(workspace=ref))
+    assert shown.workspace.name == "My-Box"
+
+
+REQUIRED = "required template variables need values: a"
+REQUIRED_CODE = "REQUIRED_TEMPLATE_VARIABLES"
+
+
+def untyped(job_id: str, error: str, code: str = "") -> pd.FailedJob:
+    """A FailedJob as Coder's daemon sends for most failures: no type."""
+    return pd.FailedJob(job_id=job_id, error=error, error_code=code)
+
+
+def failure(job: Job) -> tuple[Any, str, str]:
+    return job.status, job.error, job.error_code
+
+
+async def test_untyped_fail_job_fails_an_import_at_once(prov: Prov, stub: Stub) -> None:
+    version = await push(prov, "t")
+    await acquire_id(stub, md(), version.job_id)
+    variables = [sdk.TemplateVariable(name="a", type="string", required=True)]
+    update = pd.UpdateJobRequest(job_id=version.job_id, template_variables=variables)
+    await expect_exact(stub.UpdateJob(update, metadata=md()), Code.FAILED_PRECONDITION, REQUIRED)
+
+    # A type that is not the job's is refused, and the job runs on.
+    for wrong in (
+        pd.FailedJob(job_id=version.job_id, workspace_build=pd.FailedJob.WorkspaceBuild()),
+        pd.FailedJob(job_id=version.job_id, template_dry_run=pd.FailedJob.TemplateDryRun()),
+    ):
+        which = wrong.WhichOneof("type")
+        await expect_exact(
+            stub.FailJob(wrong, metadata=md()),
+            Code.INVALID_ARGUMENT,
+            f"type payload is {which}, but the job is a template_import",
+        )
+        assert (await get_job(prov, version.job_id)).status == Job.RUNNING
+
+    await stub.FailJob(untyped(version.job_id, REQUIRED, REQUIRED_CODE), metadata=md())
+    ended = (Job.FAILED, REQUIRED, REQUIRED_CODE)
+    job = await get_job(prov, version.job_id)
+    assert failure(job) == ended
+    assert job.completed_at.ToMicroseconds() >= job.started_at.ToMicroseconds() > 0
+    assert failure((await get_version(prov, version.id)).job) == ended
+    listed = await prov.ListTemplateVersions(pv.ListTemplateVersionsRequest(template="t"))
+    assert [failure(v.job) for v in listed.versions] == [ended]
+    jobs = (await prov.ListProvisionerJobs(pv.ListProvisionerJobsRequest())).jobs
+    assert [failure(j) for j in jobs if j.id == version.job_id] == [ended]
+    _, states = await watch(prov, version.job_id)
+    assert failure(states[-1]) == ended
+    # Nothing of an import's is stored: the version is not activated.
+    templates = (await prov.ListTemplates(pv.ListTemplatesRequest())).templates
+    assert [t.active_version_id for t in templates] == [""]
+    await expect_exact(
+        stub.FailJob(untyped(version.job_id, "again"), metadata=md()),
+        Code.FAILED_PRECONDITION,
+        "job already completed",
+    )
+    assert failure(await get_job(prov, version.job_id)) == ended
+
+
+async def test_untyped_fail_job_fails_a_dry_run_at_once(prov: Prov, stub: Stub) -> None:
+    version = await import_template(prov, stub, "t")
+    dry = await prov.DryRun(pv.DryRunRequest(version=version.id, owner="bob", workspace_name="x"))
+    await acquire_id(stub, md(), dry.id)
+    wrong = pd.FailedJob(job_id=dry.id, template_import=pd.FailedJob.TemplateImport())
+    await expect_exact(
+        stub.FailJob(wrong, metadata=md()),
+        Code.INVALID_ARGUMENT,
+        "type payload is template_import, but the job is a template_dry_run",
+    )
+    assert (await get_job(prov, dry.id)).status == Job.RUNNING
+    await stub.FailJob(untyped(dry.id, "plan: no such provider", "PLAN"), metadata=md())
+    job = await get_job(prov, dry.id)
+    assert failure(job) == (Job.FAILED, "plan: no such provider", "PLAN")
+    assert list(job.dry_run_resources) == []
+    # The daemon may send no error at all (a graceful shutdown): still failed at once.
+    dry = await prov.DryRun(pv.DryRunRequest(version=version.id, owner="bob", workspace_name="x"))
+    await acquire_id(stub, md(), dry.id)
+    await stub.FailJob(pd.FailedJob(job_id=dry.id), metadata=md())
+    assert (await get_job(prov, dry.id)).status == Job.FAILED
+
+
+async def test_untyped_fail_job_fails_a_build_and_keeps_its_state(prov: Prov, stub: Stub) -> None:
+    await import_template(prov, stub)
+    daemon = md()
+    created = await create_workspace(prov, "ws", "dora")
+    job = await acquire_id(stub, daemon, created.build.job_id)
+    await complete_build(stub, job.job_id, daemon, state=b"s1")
+
+    stopped = await build(prov, "dora", "ws", sdk.STOP)
+    job = await acquire_id(stub, daemon, stopped.build.job_id)
+    wrong = pd.FailedJob(job_id=job.job_id, template_import=pd.FailedJob.TemplateImport())
+    await expect_exact(
+        stub.FailJob(wrong, metadata=daemon),
+        Code.INVALID_ARGUMENT,
+        "type payload is template_import, but the job is a workspace_build",
+    )
+    assert (await get_job(prov, job.job_id)).status == Job.RUNNING
+    await stub.FailJob(untyped(job.job_id, "connection lost", "TRANSPORT"), metadata=daemon)
+    ended = (Job.FAILED, "connection lost", "TRANSPORT")
+    assert failure(await get_job(prov, job.job_id)) == ended
+    ref = pv.WorkspaceRef(id=created.workspace.id)
+    shown = await prov.GetWorkspace(pv.GetWorkspaceRequest(workspace=ref))
+    assert failure(shown.workspace.latest_build.job) == ended
+    assert [failure(b.job)[0] for b in shown.builds] == [Job.FAILED, Job.SUCCEEDED]
+    assert failure(shown.builds[0].job) == ended
+    # Nothing was stored for it: the build keeps the state it started from.
+    assert [b.state_size for b in shown.builds] == [2, 2]
+
+    # The workspace takes its next build, which starts from that state.
+    started = await build(prov, "dora", "ws", sdk.START)
+    job = await acquire_id(stub, daemon, started.build.job_id)
+    assert job.workspace_build.state == b"s1"
+    await stub.FailJob(untyped(job.job_id, "canceled"), metadata=daemon)
+
+    # An untyped failed DESTROY does not delete the workspace.
+    destroy = await build(prov, "dora", "ws", sdk.DESTROY)
+    job = await acquire_id(stub, daemon, destroy.build.job_id)
+    assert job.workspace_build.state == b"s1"
+    await stub.FailJob(untyped(job.job_id, "destroy: timeout"), metadata=daemon)
+    shown = await prov.GetWorkspace(pv.GetWorkspaceRequest(workspace=ref))
+    assert shown.workspace.deleted is False
+    assert failure(shown.workspace.latest_build.job) == (Job.FAILED, "destroy: timeout", "")
 
 
 # -- 7. CommitQuota --------------------------------------------------------------------

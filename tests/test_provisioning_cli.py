@@ -31,10 +31,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from waystation import testing as t
 from waystation.auth import tokens
+from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
+from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
+from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.testing import assert_cli_error, cli_table, show
@@ -736,6 +740,156 @@ def test_a_daemon_that_exited_no_longer_counts_as_connected(world: World) -> Non
 
 
 # -- 8. mistakes -----------------------------------------------------------------------
+
+
+# -- 9. failures a daemon reports without a type -------------------------------------
+
+
+class RawDaemon:
+    """A daemon driven by the test over ProvisionerDaemon, as Coder's would be."""
+
+    def __init__(self, site: Site, daemon_id: str) -> None:
+        self.channel = site.server.connection().channel()
+        self.stub = pd_grpc.ProvisionerDaemonStub(self.channel)
+        self.metadata: tuple[tuple[str, str | bytes], ...] = tuple(t.daemon_metadata(daemon_id))
+
+    def acquire(self, job_id: str, timeout: float = 60) -> pd.AcquiredJob:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.stub.AcquireJob(pd.Empty(), metadata=self.metadata, timeout=30)
+            if job.job_id:
+                assert job.job_id == job_id, job
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} never came"
+
+    def fail(self, job_id: str, error: str, code: str = "") -> None:
+        failed = pd.FailedJob(job_id=job_id, error=error, error_code=code)  # no type
+        self.stub.FailJob(failed, metadata=self.metadata, timeout=30)
+
+
+def wide(site: Site, *args: str) -> subprocess.Popen[str]:
+    """`waystation ARGS` started, not awaited; wide enough that no cell folds."""
+    return subprocess.Popen(
+        _argv(*args),
+        env={**site.env(), "COLUMNS": "400"},
+        cwd=site.home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(proc: subprocess.Popen[str], status: int = 0) -> Result:
+    stdout, stderr = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert result.returncode == status, show(result)
+    assert "Traceback" not in stdout + stderr, show(result)
+    return result
+
+
+def last_error(result: Result) -> str:
+    """The one `error: ...` line a failed run ends with."""
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), show(result)
+    assert sum(line.startswith("error: ") for line in lines) == 1, show(result)
+    return lines[-1]
+
+
+def test_untyped_failures_show_their_error_and_code_everywhere(
+    world: World, backend_url: str
+) -> None:
+    site = world.site(backend_url)
+    daemon = RawDaemon(site, "coder-d1")
+    source = site.home / "src"
+    source.mkdir()
+    (source / "main.tf").write_text("# nothing\n")
+    required = "required template variables need values: a"
+    code = "REQUIRED_TEMPLATE_VARIABLES"
+
+    # An import: the daemon finds a variable without a value and fails it untyped.
+    pushing = wide(site, "template", "push", str(source), "--provisioner", "echo", "-n", "t")
+    import_id = import_job(finished_when_failed(pushing, daemon, required, code, variable="a"))
+    versions = finished(wide(site, "template", "versions", "t")).stdout
+    assert row_of(versions, 0, "v1")[3] == "failed", versions
+    assert line_of(versions, "v1 ").endswith(f"{required} ({code})"), versions
+    version = site.ok_json("template", "versions", "t")[0]
+    assert (version["job"]["error"], version["job"]["error_code"]) == (required, code)
+
+    # A build and a dry run of a version that did import.
+    with site.stub() as stub:
+        pushed = stub.PushTemplate(
+            pv.PushTemplateRequest(template="t", provisioner="echo", archive=t.echo_template()),
+            timeout=30,
+        )
+    daemon.acquire(pushed.version.job_id)
+    done = pd.CompletedJob(
+        job_id=pushed.version.job_id, template_import=pd.CompletedJob.TemplateImport()
+    )
+    daemon.stub.CompleteJob(done, metadata=daemon.metadata, timeout=30)
+    missing = 'plan: missing parameter "size"'
+    creating = wide(site, "workspace", "create", "box", "-t", "t", "--owner", "ann")
+    build_id = build_job(
+        finished_when_failed(creating, daemon, missing, "MISSING_TEMPLATE_PARAMETER")
+    )
+    shown = finished(wide(site, "workspace", "show", "box", "--owner", "ann")).stdout
+    assert row_of(shown, 0, "#1")[1:3] == ["start", "failed"], shown
+    assert line_of(shown, build_id).endswith(f"{missing} (MISSING_TEMPLATE_PARAMETER)"), shown
+    build = site.ok_json("workspace", "show", "box", "--owner", "ann")["builds"][0]
+    assert (build["job"]["error"], build["job"]["error_code"]) == (
+        missing,
+        "MISSING_TEMPLATE_PARAMETER",
+    )
+    planning = wide(site, "workspace", "dry-run", "-t", "t")
+    dry = finished_when_failed(planning, daemon, "update job: connection closed", "")
+    dry_id = re.search(r"dry run: job (\w{26})", dry.stderr)
+    assert dry_id, show(dry)
+
+    # Every job, in the list and in JSON; one on its own.
+    listed = finished(wide(site, "provisioner", "jobs", "list", "--all")).stdout
+    assert row_of(listed, 0, import_id)[3:5] == ["failed", "coder-d1"], listed  # no tags
+    assert line_of(listed, import_id).endswith(f"{required} ({code})"), listed
+    assert line_of(listed, build_id).endswith(f"{missing} (MISSING_TEMPLATE_PARAMETER)"), listed
+    assert line_of(listed, dry_id.group(1)).endswith("update job: connection closed"), listed
+    jobs = {j["id"]: j for j in site.ok_json("provisioner", "jobs", "list", "--all")}
+    assert (jobs[import_id]["status"], jobs[import_id]["error_code"]) == ("FAILED", code)
+    assert jobs[build_id]["error_code"] == "MISSING_TEMPLATE_PARAMETER"
+    assert "error_code" not in jobs[dry_id.group(1)]  # none sent: none shown
+    alone = site.ok("provisioner", "jobs", "show", import_id).stdout
+    assert f"error: {required} ({code})" in alone, alone
+
+
+def finished_when_failed(
+    proc: subprocess.Popen[str],
+    daemon: RawDaemon,
+    error: str,
+    code: str,
+    variable: str = "",
+) -> Result:
+    """The CLI follows a job the daemon fails untyped; it exits 1 with the error
+    and code on its last line."""
+    job_id = ""
+    try:
+        deadline = time.monotonic() + 60
+        while not job_id:
+            assert proc.poll() is None, "the command ended before its job ran"
+            job = daemon.stub.AcquireJob(pd.Empty(), metadata=daemon.metadata, timeout=30)
+            job_id = job.job_id
+            assert time.monotonic() < deadline, "no job came"
+        if variable:
+            found = [sdk.TemplateVariable(name=variable, type="string", required=True)]
+            update = pd.UpdateJobRequest(job_id=job_id, template_variables=found)
+            with pytest.raises(grpc.RpcError) as refused:
+                daemon.stub.UpdateJob(update, metadata=daemon.metadata, timeout=30)
+            assert isinstance(refused.value, grpc.Call)
+            assert refused.value.details() == error
+        daemon.fail(job_id, error, code)
+    except BaseException:
+        proc.kill()
+        raise
+    result = finished(proc, status=1)
+    assert f"job {job_id}: failed" in result.stderr, show(result)
+    assert last_error(result) == (f"error: {error} ({code})" if code else f"error: {error}")
+    return result
 
 
 def test_bad_input_is_one_clear_error(world: World) -> None:

@@ -1042,11 +1042,14 @@ def _build_done(
 
 
 def job_fail(conn: Connection, daemon_id: str, failed: pd.FailedJob, now: int) -> None:
+    """The job fails with the daemon's error and error code. Unlike CompleteJob the
+    type is optional (upstream switches on it with no default): Coder's daemon
+    sends none for import and dry-run failures, setup and transport failures,
+    cancel time-outs and shutdowns. Untyped, nothing type-specific is stored: a
+    build keeps the state it started from, as a typed failure without state does."""
     row = _owned(conn, failed.job_id, daemon_id)
     which = failed.WhichOneof("type")
-    if which is None:
-        raise InvalidArgument("type payload must be provided")
-    if which != row.operation:
+    if which is not None and which != row.operation:
         raise InvalidArgument(f"type payload is {which}, but the job is a {row.operation}")
     if which == WORKSPACE_BUILD and failed.workspace_build.state:
         _build_done(conn, row.id, failed.workspace_build.state, None, now)  # partial state
