@@ -12,6 +12,7 @@ import typer
 from google.protobuf.empty_pb2 import Empty
 
 from waystation.cli.output import Context, fail, rpc_errors
+from waystation.files import open_private
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 
@@ -37,7 +38,8 @@ def create(
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
     try:
-        with partial.open("wb") as out:
+        # 0600 whatever the umask: a snapshot holds the token signing keys.
+        with os.fdopen(open_private(partial), "wb") as out:
             size = _receive(c, stub, out)
             os.fsync(out.fileno())
         partial.replace(target)  # never a half-written file under the name asked for

@@ -18,6 +18,7 @@ from waystation.auth.service import Authenticator
 from waystation.engine.engine import JobEngine
 from waystation.engine.rules import now_us
 from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.files import private_dir
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc, stream_rpc
@@ -125,7 +126,8 @@ class AdminService:
         if first is None or first.WhichOneof("event") != "open":
             raise FailedPrecondition("first message must be an Open event")
         staged = snapshot.staged(self.data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        # mkstemp's file is 0600, and so is the staged file it is renamed to.
         fd, name = tempfile.mkstemp(prefix="restore-", suffix=".partial", dir=self.data_dir)
         partial = Path(name)
         try:

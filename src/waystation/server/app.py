@@ -19,6 +19,7 @@ import waystation
 from waystation.auth.service import Authenticator
 from waystation.config import MAX_MESSAGE_BYTES, ServerSettings, is_loopback
 from waystation.engine.engine import JobEngine
+from waystation.files import warn_if_loose
 from waystation.metrics import RPCMetrics, serve_metrics
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
@@ -60,6 +61,7 @@ class RunningServer:
 
 
 async def start(settings: ServerSettings) -> RunningServer:
+    warn_if_loose(settings.data_dir)
     store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
     try:
         await asyncio.to_thread(snapshot.apply_staged, store.db, settings.data_dir)

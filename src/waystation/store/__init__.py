@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from waystation.files import private_dir, private_file
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import boxes, resources
@@ -23,6 +24,17 @@ from waystation.store.migrate import upgrade
 log = logging.getLogger(__name__)
 
 __all__ = ["Store"]
+
+
+def _private_sqlite(path: Path) -> None:
+    """The database holds the token signing keys: it is 0600 before SQLite opens
+    it, and SQLite gives its -wal and -shm files the database's mode."""
+    private_dir(path.parent)
+    private_file(path)
+    for suffix in ("-wal", "-shm"):  # left by an older version, perhaps looser
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            private_file(companion)
 
 
 class Store:
@@ -35,7 +47,7 @@ class Store:
         db = Database(url, fsync=fsync)
         database = sa.make_url(db.url).database
         if db.dialect == "sqlite" and database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite(Path(database))
         db.run_sync(upgrade)
         db.start()
         log.info("store open: %s (fsync %s)", db.dialect, "on" if fsync else "off")

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 from sqlalchemy.engine import Connection
 
 from waystation.errors import InvalidArgument
+from waystation.files import PRIVATE_FILE
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store.database import Database
 from waystation.store.schema import metadata
@@ -234,5 +235,7 @@ def apply_staged(db: Database, data_dir: Path) -> None:
             f"cannot restore {path}: its rows break the schema's constraints ({exc.orig});"
             " move it away to start"
         ) from None
-    path.replace(path.with_name(path.name + ".applied"))
+    applied = path.with_name(path.name + ".applied")
+    path.replace(applied)
+    applied.chmod(PRIVATE_FILE)  # kept beside the database: as secret as it, if copied in by hand
     log.warning("store restored: %d rows; %s renamed to .applied", rows, path.name)
