@@ -40,6 +40,10 @@ class ServerSettings:
     tls_key: Path | None = None
     # HOST:PORT to serve Prometheus metrics on over HTTP; none when unset.
     metrics_listen: str | None = None
+    # Seconds to keep retrying a PostgreSQL that refuses connections at start.
+    db_wait: float = 60.0
+    # The server's log lines: "text" or "json" (one object a line).
+    log_format: str = "text"
 
     @property
     def database_url(self) -> str:

@@ -1,15 +1,22 @@
-"""`waystation server run`: the server process."""
+"""`waystation server run`: the server process; `server config`: the settings it would use."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.text import Text
 
-from waystation.cli.output import configure_logging
+from waystation.cli.output import configure_logging, err, print_table
+from waystation.cli.server_config import ConfigError, Setting, resolve, shown
 from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
 from waystation.durations import DurationError, parse_go_duration
 from waystation.engine.rules import Timeouts, now_us
@@ -19,6 +26,7 @@ app = typer.Typer(help="Run the waystation server.", no_args_is_help=True)
 
 @app.command()
 def run(
+    ctx: typer.Context,
     listen: Annotated[
         str, typer.Option("--listen", envvar="WAYSTATION_LISTEN", help="Address to serve gRPC on.")
     ] = DEFAULT_LISTEN,
@@ -40,12 +48,29 @@ def run(
             show_default=False,
         ),
     ] = "",
+    db_wait: Annotated[
+        str,
+        typer.Option(
+            "--db-wait",
+            envvar="WAYSTATION_DB_WAIT",
+            help="Keep retrying a PostgreSQL that refuses connections at start this long"
+            " (a duration, or seconds; 0: do not wait).",
+        ),
+    ] = "60s",
     fsync: Annotated[
         bool, typer.Option("--fsync/--no-fsync", help="Sync every commit to disk before answering.")
     ] = True,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="WAYSTATION_LOG_FORMAT",
+            help="text (for people) or json (one object a line, for log collectors).",
+        ),
+    ] = "text",
     ack_timeout: Annotated[
         str, typer.Option("--ack-timeout", help="Requeue a job not acked within this.")
     ] = "2m",
@@ -83,63 +108,189 @@ def run(
             show_default=False,
         ),
     ] = "",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A TOML file of these settings, keys named as the flags (data-dir = ...);"
+            " flags and environment variables override it.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the Vagrant and provisionerd protocols until SIGINT or SIGTERM."""
-    level = getattr(logging, log_level.upper(), None)
-    if not isinstance(level, int):
-        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
-    configure_logging(log_level)
-    timeouts = Timeouts(
-        ack=_seconds(ack_timeout, "--ack-timeout"),
-        heartbeat=_seconds(heartbeat_timeout, "--heartbeat-timeout"),
-        poll=_seconds(poll_interval, "--poll-interval"),
-        provisioner_hang=_seconds(hang_timeout, "--hang-timeout"),
-    )
-    if timeouts.provisioner_hang < 15:
+    configured = _configure(ctx, config)
+    settings = configured.settings
+    configure_logging(configured.log_level)
+    if settings.timeouts.provisioner_hang < 15:
+        hang = configured.entries["hang_timeout"]
         logging.getLogger("waystation").warning(
-            "--hang-timeout %s is under three daemon heartbeats (5s each):"
+            "the hang timeout %s (%s) is under three daemon heartbeats (5s each):"
             " healthy provisioner jobs may be failed as hung",
-            hang_timeout,
+            hang.value,
+            hang.where,
         )
-    host = listen.rsplit(":", 1)[0]
-    if dev and not is_loopback(host):
-        raise typer.BadParameter(
-            f"--dev turns authentication off, so it listens on loopback only, not {host}",
-            param_hint="--listen",
-        )
-    if (tls_cert is None) != (tls_key is None):
-        raise typer.BadParameter("give both --tls-cert and --tls-key", param_hint="--tls-cert")
-    for path in (tls_cert, tls_key):
-        if path is not None and not path.is_file():
-            raise typer.BadParameter(f"{path} is not a readable file", param_hint="--tls-cert")
-    settings = ServerSettings(
-        listen=listen,
-        data_dir=data_dir or default_data_dir(),
-        db_url=db or None,
-        fsync=fsync,
-        timeouts=timeouts,
-        auth=not dev,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        metrics_listen=metrics_listen or None,
-    )
     from waystation.server.app import serve  # the CLI's other commands need no server code
 
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
+    except OSError as exc:  # cannot listen, or no database (store.connect): one line
         logging.getLogger("waystation").error("%s", exc)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # before serving, e.g. while waiting for the database
+        raise typer.Exit(130) from None
 
 
-def _seconds(text: str, flag: str) -> float:
+def _with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` takes every option of `server run` as well as its own (into its
+    **options): one list of settings, so that `server config` shows them all."""
+    own = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    names = {p.name for p in own}
+    theirs = [p for p in inspect.signature(run, eval_str=True).parameters.values()]
+    signature = inspect.Signature([*own, *(p for p in theirs if p.name not in names)])
+    command.__signature__ = signature  # type: ignore[attr-defined]  # what Typer reads
+    return command
+
+
+@app.command("config")
+@_with_run_options
+def show_config(
+    ctx: typer.Context,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    **options: Any,
+) -> None:
+    """Print the settings `server run` would use with the same flags, each with where
+    it came from (flag, environment, file or default); nothing starts."""
+    configured = _configure(ctx, options.get("config"))
+    settings = configured.settings
+    effective = {"data_dir": settings.data_dir, "db": _redact(settings.database_url)}
+    config_file = options.get("config")
+    listed: dict[str, dict[str, Any]] = {}
+    rows = []
+    for entry in configured.entries.values():
+        value = shown(effective.get(entry.name, entry.value))
+        # Which variable, or which file: the flag's name needs no saying.
+        origin = {"environment": entry.envvar, "file": str(config_file)}.get(entry.source)
+        listed[entry.key] = {"value": value, "source": entry.source}
+        if origin:
+            listed[entry.key]["from"] = origin
+        text = value if isinstance(value, str) else "-" if value is None else json.dumps(value)
+        rows.append([entry.key, text, f"{entry.source} {origin}" if origin else entry.source])
+    if json_output:
+        document = {"config_file": str(config_file) if config_file else None, "settings": listed}
+        typer.echo(json.dumps(document, indent=2))
+        return
+    print_table(["SETTING", "VALUE", "SOURCE"], rows, "no settings")
+
+
+@dataclass
+class Configured:
+    settings: ServerSettings
+    log_level: str
+    entries: dict[str, Setting]  # by parameter name
+
+
+def _configure(ctx: typer.Context, config: Path | None) -> Configured:
+    """The settings from flags, environment, the config file and defaults; a
+    setting that cannot be used is one line naming it, and exit 2."""
     try:
-        seconds = parse_go_duration(text).total_seconds()
+        entries = resolve(ctx, config)
+        return Configured(_settings(entries), str(entries["log_level"].value), entries)
+    except ConfigError as exc:
+        err.print(Text.assemble(("error:", "red"), " ", str(exc)))
+        raise typer.Exit(2) from None
+
+
+def _settings(entries: dict[str, Setting]) -> ServerSettings:
+    from waystation.store.connect import UnsupportedDatabase, check_url
+
+    def value(name: str) -> Any:
+        return entries[name].value
+
+    level = getattr(logging, str(value("log_level")).upper(), None)
+    if not isinstance(level, int):
+        _bad(entries["log_level"], f"unknown log level {value('log_level')!r}")
+    if value("log_format") not in ("text", "json"):
+        _bad(
+            entries["log_format"], f"unknown log format {value('log_format')!r}: want text or json"
+        )
+    _check_listen(entries)
+    _check_tls(entries)
+    db_url = value("db") or None
+    if db_url:
+        try:
+            check_url(db_url)
+        except UnsupportedDatabase as exc:
+            _bad(entries["db"], str(exc))
+    return ServerSettings(
+        listen=value("listen"),
+        data_dir=value("data_dir") or default_data_dir(),
+        db_url=db_url,
+        fsync=value("fsync"),
+        timeouts=Timeouts(
+            ack=_seconds(entries["ack_timeout"]),
+            heartbeat=_seconds(entries["heartbeat_timeout"]),
+            poll=_seconds(entries["poll_interval"]),
+            provisioner_hang=_seconds(entries["hang_timeout"]),
+        ),
+        auth=not value("dev"),
+        tls_cert=value("tls_cert"),
+        tls_key=value("tls_key"),
+        metrics_listen=value("metrics_listen") or None,
+        db_wait=_seconds(entries["db_wait"], allow_zero=True),
+        log_format=value("log_format"),
+    )
+
+
+def _check_listen(entries: dict[str, Setting]) -> None:
+    host = str(entries["listen"].value).rsplit(":", 1)[0]
+    if entries["dev"].value and not is_loopback(host):
+        _bad(
+            entries["listen"],
+            f"--dev turns authentication off, so it listens on loopback only, not {host}",
+        )
+
+
+def _check_tls(entries: dict[str, Setting]) -> None:
+    cert, key = entries["tls_cert"], entries["tls_key"]
+    if (cert.value is None) != (key.value is None):
+        _bad(cert if cert.value is None else key, "give both --tls-cert and --tls-key")
+    for entry in (cert, key):
+        if entry.value is not None and not Path(entry.value).is_file():
+            _bad(entry, f"{entry.value} is not a readable file")
+
+
+def _bad(entry: Setting, message: str) -> NoReturn:
+    raise ConfigError(f"{entry.where}: {message}")
+
+
+def _seconds(entry: Setting, allow_zero: bool = False) -> float:
+    """A duration setting in seconds: a Go duration ("90s", "1h5m") or a number."""
+    given = entry.value
+    try:
+        if isinstance(given, int | float) and not isinstance(given, bool):
+            seconds = float(given)
+        else:
+            text = str(given).strip()
+            try:
+                seconds = float(text)
+            except ValueError:
+                seconds = parse_go_duration(text).total_seconds()
     except DurationError as exc:
-        raise typer.BadParameter(str(exc), param_hint=flag) from None
-    if seconds <= 0:
-        raise typer.BadParameter("must be positive", param_hint=flag)
+        _bad(entry, str(exc))
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        _bad(entry, "must be zero or more seconds" if allow_zero else "must be positive")
     return seconds
+
+
+def _redact(url: str) -> str:
+    from waystation.store.connect import redact
+
+    return redact(url)
 
 
 # -- signing keys, straight on the database (no server needed) ------------------------

@@ -28,6 +28,7 @@ from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server import admin, provisionerd, provisioning, vagrant
 from waystation.server.auth import Guard
 from waystation.store import Store, snapshot
+from waystation.store.connect import open_store
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class RunningServer:
 
 async def start(settings: ServerSettings) -> RunningServer:
     warn_if_loose(settings.data_dir)
-    store = await asyncio.to_thread(Store.open, settings.database_url, fsync=settings.fsync)
+    store = await open_store(settings.database_url, fsync=settings.fsync, wait=settings.db_wait)
     try:
         await asyncio.to_thread(snapshot.apply_staged, store.db, settings.data_dir)
     except Exception:

@@ -18,6 +18,7 @@ from grpc import aio
 
 from waystation.auth.service import Authenticator
 from waystation.errors import Unauthenticated
+from waystation.server.errors import log_refused
 from waystation.server.vagrant import API_VERSION
 
 VAGRANT = "/hashicorp.vagrant.Vagrant/"
@@ -58,30 +59,35 @@ class Guard(_Interceptor):
         header = metadata.get(PROTOCOL_HEADER)
         problem = protocol_problem(method, header if isinstance(header, str) else None)
         if problem:
-            return refuse(handler, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            return refuse(handler, grpc.StatusCode.INVALID_ARGUMENT, problem, method)
         if not self.enabled or method in PUBLIC_METHODS or method.startswith(PUBLIC_PREFIXES):
             return handler
         text = metadata.get("authorization", "")
         if isinstance(text, bytes) or not text:
             return refuse(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "Authorization token is not supplied"
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Authorization token is not supplied",
+                method,
             )
         try:
             token = await self.authenticator.verify(text.removeprefix("Bearer "))
         except Unauthenticated as exc:
-            return refuse(handler, grpc.StatusCode.UNAUTHENTICATED, exc.message)
+            return refuse(handler, grpc.StatusCode.UNAUTHENTICATED, exc.message, method)
         name = method.rsplit("/", 1)[-1]
         if token.invite:
             return refuse(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "invalid authentication token: an invite token is not a login token",
+                method,
             )
         if token.HasField("entrypoint") and not name.startswith("Entrypoint"):
             return refuse(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "entrypoint tokens may only call Entrypoint methods",
+                method,
             )
         return handler
 
@@ -105,11 +111,13 @@ def protocol_problem(method: str, header: str | None) -> str:
 
 
 def refuse(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, method: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind as `handler` that only aborts."""
+    """A handler of the same kind as `handler` that only aborts. It never looks
+    at the request, which may not even parse (server.decoding)."""
 
     async def abort(_request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        log_refused(context, method, code, message)
         await context.abort(code, message)
 
     kind = (handler.request_streaming, handler.response_streaming)

@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from waystation import errors, validate
+from waystation.logs import limited
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,34 @@ async def abort(
     context: aio.ServicerContext[Any, Any], exc: BaseException, method: str
 ) -> NoReturn:
     code, message = externalize(exc, method)
+    log_refused(context, method, code, message)
     await context.abort(code, message)
+
+
+REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def log_refused(
+    context: aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode, message: str
+) -> None:
+    """A call refused for its credentials: one line with method and peer, rate-limited
+    by cause (anyone can make these at will)."""
+    if code not in REFUSALS:
+        return
+    peer = context.peer()
+    limited.log(
+        log,
+        logging.WARNING,
+        ("refused", code, message),
+        "refused %s from %s: %s %s",
+        method,
+        peer,
+        code.name,
+        message,
+        method=method,
+        peer=peer,
+        code=code.name,
+    )
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
