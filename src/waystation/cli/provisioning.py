@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+import os
 import signal
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.text import Text
 
 from waystation.cli.output import (
@@ -27,6 +29,7 @@ from waystation.cli.output import (
     print_table,
     rpc_errors,
 )
+from waystation.cli.watch import PendingClock
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
@@ -95,42 +98,45 @@ def pending_text(job: Job) -> str:
     return ""
 
 
-def failure_text(job: Job) -> str:
-    """A job's error with its code, as people see it (empty when it has none)."""
-    if job.error and job.error_code:
-        return f"{job.error} ({job.error_code})"
-    return job.error or job.error_code
-
-
-def watch(c: Context, job_id: str) -> Job:
-    """Follow a job's logs live; return it as it ended."""
+def watch(c: Context, job_id: str, logs: Console = out) -> Job:
+    """Follow a job's logs live (to `logs`); return it as it ended."""
     stage = ""
     last = Job()
+    clock = PendingClock(err, f"job {job_id}")  # how long it has been pending
     with rpc_errors(c, f"watching job {job_id}"):
         stream = _stub(c).WatchProvisionerJob(pv.WatchProvisionerJobRequest(id=job_id))
-        for event in stream:
-            if event.HasField("job"):
-                last = event.job
-                if last.status == Job.PENDING:
-                    err.print(Text(f"job {job_id}: {pending_text(last) or 'pending'}", "dim"))
-                elif last.status == Job.RUNNING:
-                    err.print(Text(f"job {job_id}: running on {last.daemon_id}", "dim"))
-                continue
-            for line in event.logs.logs:
-                if line.stage and line.stage != stage:
-                    stage = line.stage
-                    out.print(Text(f"==> {stage}", "bold"))
-                if line.output:
-                    style = {sdk.ERROR: "red", sdk.WARN: "yellow"}.get(line.level, "")
-                    out.print(Text(line.output, style))
+        try:
+            for event in stream:
+                if event.HasField("job"):
+                    last = event.job
+                    if last.status == Job.PENDING:
+                        waiting = pending_text(last) or "pending"
+                        err.print(Text(f"job {job_id}: {waiting}", "dim"))
+                        clock.pending(waiting)
+                        continue
+                    clock.stop()
+                    if last.status == Job.RUNNING:
+                        err.print(Text(f"job {job_id}: running on {last.daemon_id}", "dim"))
+                    continue
+                clock.stop()
+                for line in event.logs.logs:
+                    if line.stage and line.stage != stage:
+                        stage = line.stage
+                        logs.print(Text(f"==> {stage}", "bold"))
+                    if line.output:
+                        style = {sdk.ERROR: "red", sdk.WARN: "yellow"}.get(line.level, "")
+                        logs.print(Text(line.output, style))
+        finally:
+            clock.stop()
     err.print(Text.assemble(f"job {job_id}: ", status_text(last)))
+    if last.error:
+        err.print(Text(last.error, "red"))
     return last
 
 
 def _exit_for(job: Job) -> None:
-    """Exit 1 with the job's error and code unless it succeeded."""
     if job.status != Job.SUCCEEDED:
-        fail(failure_text(job) or f"job {job.id} {Job.Status.Name(job.status).lower()}")
+        raise typer.Exit(1)
 
 
 def _resources(resources: Iterable[sdk.Resource], title: str) -> None:
@@ -161,6 +167,9 @@ def template_push(
     ] = None,
     version_name: Annotated[str, typer.Option("--version-name", help="[default: vN]")] = "",
     detach: Detach = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the version as JSON at the end (logs: stderr).")
+    ] = False,
 ) -> None:
     """Upload DIRECTORY as a new template version and import it."""
     from waystation.errors import InvalidArgument
@@ -190,10 +199,19 @@ def template_push(
     err.print(
         f"template {pushed.template.name} version {version.name}: import job {version.job_id}"
     )
+    _warn_if_never_served(c, provisioner)
     if detach:
+        if as_json:
+            print_json(version)
         return
-    job = watch(c, version.job_id)
-    if job.status == Job.SUCCEEDED:
+    job = _interruptible(
+        lambda: watch(c, version.job_id, err if as_json else out),
+        f"the import goes on (cancel it: waystation provisioner jobs cancel {version.job_id})",
+    )
+    if as_json:
+        request_version = pv.GetTemplateVersionRequest(version=version.id)
+        print_json(call(c, _stub(c).GetTemplateVersion, request_version))
+    elif job.status == Job.SUCCEEDED:
         version = call(
             c, _stub(c).GetTemplateVersion, pv.GetTemplateVersionRequest(version=version.id)
         )
@@ -207,6 +225,29 @@ def template_push(
         _resources(version.start_resources, "resources when started")
         _resources(version.stop_resources, "resources when stopped")
     _exit_for(job)
+
+
+def _warn_if_never_served(c: Context, provisioner: str) -> None:
+    """Say at once when no daemon has ever served `provisioner` (a typo, or none set up)."""
+    request = pv.ListProvisionerDaemonsRequest()
+    daemons = call(c, _stub(c).ListProvisionerDaemons, request).daemons
+    if not any(provisioner in d.provisioners for d in daemons):
+        err.print(
+            Text.assemble(
+                ("warning: ", "yellow"),
+                f"no provisioner daemon has ever served {provisioner!r}: the job waits until "
+                f"one does (start one: waystation provisioner --provisioner {provisioner})",
+            )
+        )
+
+
+def _interruptible(follow: Callable[[], Job], goes_on: str) -> Job:
+    """Follow a job; on Ctrl-C say that it goes on (and how to cancel it), exit 130."""
+    try:
+        return follow()
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; {goes_on}")
+        raise typer.Exit(130) from None
 
 
 @template_app.command("init")
@@ -250,28 +291,35 @@ def template_versions(ctx: typer.Context, template: str, as_json: Json = False) 
             ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())),
             Job.Status.Name(v.job.status).lower(),
             v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-            failure_text(v.job),
         ]
         for v in found
     ]
-    print_table(
-        ["name", "id", "provisioner", "tags", "import", "created", "error"], rows, "no versions"
-    )
+    print_table(["name", "id", "provisioner", "tags", "import", "created"], rows, "no versions")
 
 
 # -- workspaces ----------------------------------------------------------------------
 
 
-def _follow(c: Context, response: pv.BuildResponse, detach: bool) -> None:
+def _follow(c: Context, response: pv.BuildResponse, detach: bool, as_json: bool = False) -> None:
     build = response.build
     verb = sdk.WorkspaceTransition.Name(build.transition).lower()
-    err.print(
-        f"workspace {response.workspace.name}: build #{build.build_number} ({verb}),"
-        f" job {build.job_id}"
-    )
+    name = response.workspace.name
+    err.print(f"workspace {name}: build #{build.build_number} ({verb}), job {build.job_id}")
     if detach:
+        if as_json:
+            print_json(build)
         return
-    job = watch(c, build.job_id)
+    cancel = f"waystation workspace cancel {name}"
+    if response.workspace.owner != (os.environ.get("WAYSTATION_USER") or getpass.getuser()):
+        cancel += f" --owner {response.workspace.owner}"
+    job = _interruptible(
+        lambda: watch(c, build.job_id, err if as_json else out),
+        f"the build goes on (cancel it: {cancel})",
+    )
+    if as_json:
+        ref = pv.WorkspaceRef(id=response.workspace.id)
+        shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+        print_json(next((b for b in shown.builds if b.id == build.id), build))
     _exit_for(job)
 
 
@@ -285,13 +333,16 @@ def workspace_create(
     params: Params = None,
     owner: Owner = "",
     detach: Detach = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the build as JSON at the end (logs: stderr).")
+    ] = False,
 ) -> None:
     """Create a workspace and start it."""
     c: Context = ctx.obj
     request = pv.CreateWorkspaceRequest(
         name=name, owner=_owner(owner), template=template, rich_parameter_values=_params(params)
     )
-    _follow(c, call(c, _stub(c).CreateWorkspace, request, about="create"), detach)
+    _follow(c, call(c, _stub(c).CreateWorkspace, request, about="create"), detach, as_json)
 
 
 def _build(
@@ -399,7 +450,7 @@ def workspace_show(ctx: typer.Context, name: str, owner: Owner = "", as_json: Js
             Job.Status.Name(b.job.status).lower(),
             str(b.daily_cost),
             b.job_id,
-            failure_text(b.job),
+            b.job.error,
         ]
         for b in shown.builds
     ]
@@ -594,13 +645,12 @@ def jobs_list(
             j.provisioner,
             ",".join(f"{k}={v}" for k, v in sorted(j.tags.items())),
             Job.Status.Name(j.status).lower(),
-            pending_text(j) or j.daemon_id,
-            failure_text(j),
+            pending_text(j) or j.daemon_id or j.error,
         ]
         for j in found
     ]
     empty = "no provisioner jobs" if include_done else "no pending provisioner jobs"
-    print_table(["id", "type", "provisioner", "tags", "status", "where", "error"], rows, empty)
+    print_table(["id", "type", "provisioner", "tags", "status", "where"], rows, empty)
 
 
 @jobs_app.command("show")
@@ -614,7 +664,7 @@ def jobs_show(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
     out.print(f"type: {Job.Type.Name(job.type).lower()}; provisioner: {job.provisioner}")
     for label, value in (
         ("daemon", job.daemon_id),
-        ("error", failure_text(job)),
+        ("error", job.error),
         ("waiting", pending_text(job)),
     ):
         if value:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import sys
+import threading
 import time
 from collections.abc import Iterable
 
@@ -44,8 +45,8 @@ class Waiting:
 
     def _render(self) -> RenderableType:
         text = self.text
-        if self.clock:
-            text += f" (waited {waited(time.monotonic() - self.since)})"
+        if self.clock:  # first: a long text is cut at the terminal's edge
+            text = f"waited {waited(time.monotonic() - self.since)}: {text}"
         self._spinner.update(text=text)
         return self._spinner
 
@@ -63,6 +64,56 @@ class Waiting:
 
     def stop(self) -> None:
         self._live.stop()
+
+
+class PendingClock:
+    """While a job is pending, how long it has waited: on a terminal a spinner with a
+    clock; elsewhere a line now and then (after 30 s, then whenever the wait doubles)."""
+
+    FIRST_NOTE = 30.0
+
+    def __init__(self, console: Console, label: str) -> None:
+        self.console = console
+        self.label = label
+        self.reason = ""
+        self._spinner: Waiting | None = None
+        self._stopped: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def pending(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            if self._spinner is not None:
+                self._spinner.update(reason)
+            elif self._stopped is not None:
+                pass  # the notes thread reads self.reason
+            elif self.console.is_terminal:
+                self._spinner = Waiting(self.console, reason, clock=True)
+                self._spinner.start()
+            else:
+                self._stopped = threading.Event()
+                threading.Thread(
+                    target=self._notes, args=(self._stopped, time.monotonic()), daemon=True
+                ).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._spinner is not None:
+                self._spinner.stop()
+                self._spinner = None
+            if self._stopped is not None:
+                self._stopped.set()
+                self._stopped = None
+
+    def _notes(self, stopped: threading.Event, since: float) -> None:
+        due = self.FIRST_NOTE
+        while not stopped.wait(max(0.0, since + due - time.monotonic())):
+            with self._lock:
+                if not stopped.is_set():
+                    self.console.print(
+                        Text(f"{self.label}: still {self.reason} after {waited(due)}", "dim")
+                    )
+            due *= 2
 
 
 def waited(seconds: float) -> str:
