@@ -41,7 +41,7 @@ GitOpt = Annotated[
 ]
 RefOpt = Annotated[
     str,
-    typer.Option("--ref", help="With --git: branch, tag or commit. [default: the repo's HEAD]"),
+    typer.Option("--ref", help="With --git: branch, tag or commit (default: the repo's HEAD)."),
 ]
 PathOpt = Annotated[
     str, typer.Option("--path", help="With --git: the subdirectory to work in (relative).")
@@ -50,8 +50,9 @@ LocalOpt = Annotated[
     bool,
     typer.Option(
         "--local",
-        help="Data source: the runner's own files. [default, unless the job's project or "
-        "basis has a data source of its own]",
+        # Square brackets would be taken for Rich markup and vanish from --help.
+        help="Data source: the runner's own files (the default, unless the job's project "
+        "or basis has a data source of its own).",
     ),
 ]
 
