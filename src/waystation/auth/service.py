@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,16 +23,26 @@ from waystation.store.database import Database
 KEY_CACHE_SECONDS = 2.0
 MAX_METADATA = 1024
 
+NEVER = -1e9  # when the keys were last read, before the first time
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Authenticator:
     db: Database
     _keys: dict[str, bytes] = field(default_factory=dict)
-    _keys_at: float = -1e9
+    _keys_at: float = NEVER
 
     async def _active_keys(self, *, fresh: bool = False) -> dict[str, bytes]:
         if fresh or time.monotonic() - self._keys_at > KEY_CACHE_SECONDS:
-            self._keys = await self.db.read(active_keys)
+            keys = await self.db.read(active_keys)
+            if self._keys_at != NEVER:  # a rotation or retirement, here or on another replica
+                for key_id in keys.keys() - self._keys.keys():
+                    log.info("signing key %s is active", key_id, extra={"key_id": key_id})
+                for key_id in self._keys.keys() - keys.keys():
+                    log.info("signing key %s was retired", key_id, extra={"key_id": key_id})
+            self._keys = keys
             self._keys_at = time.monotonic()
         return self._keys
 
@@ -56,15 +67,21 @@ class Authenticator:
         if revoked:
             raise Unauthenticated("invalid authentication token: token has been revoked")
 
-    async def mint(self, token: vs.Token, metadata: dict[str, str] | None = None) -> str:
+    async def mint(
+        self,
+        token: vs.Token,
+        metadata: dict[str, str] | None = None,
+        how: str = "login",
+        **fields: str,
+    ) -> str:
         key_id, key = await self.db.write(signing_key, now_us())
-        return tokens.encode(token, key_id, key, metadata)
+        return _minted(token, key_id, key, metadata, how, **fields)
 
     async def bootstrap(self) -> str:
         key = await self.db.write(bootstrap, now_us())
         if key is None:
             raise PermissionDenied("server is already bootstrapped")
-        return tokens.encode(tokens.login_token(), *key)
+        return _minted(tokens.login_token(), *key, None, "bootstrap")
 
     async def login(self, entrypoint: vs.Token.Entrypoint | None = None) -> str:
         return await self.mint(tokens.login_token(entrypoint=entrypoint))
@@ -72,7 +89,8 @@ class Authenticator:
     async def invite(
         self, duration: datetime.timedelta, entrypoint: vs.Token.Entrypoint | None = None
     ) -> str:
-        return await self.mint(tokens.invite_token(duration, entrypoint=entrypoint, now=_now()))
+        token = tokens.invite_token(duration, entrypoint=entrypoint, now=_now())
+        return await self.mint(token, how="invite")
 
     async def convert_invite(self, text: str) -> str:
         token, transport = await self._decode(text)
@@ -84,10 +102,37 @@ class Authenticator:
         metadata = dict(transport.metadata)
         if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA:
             raise InvalidArgument(f"invite token metadata over {MAX_METADATA} bytes")
-        return await self.mint(tokens.login_token(entrypoint=entrypoint), metadata)
+        login = tokens.login_token(entrypoint=entrypoint)
+        return await self.mint(login, metadata, "convert", invite_id=tokens.token_id_hex(token))
 
     async def revoke(self, token_id_hex: str) -> bool:
-        return await self.db.write(revoke, token_id_hex.lower(), now_us())
+        token_id = token_id_hex.lower()
+        revoked: bool = await self.db.write(revoke, token_id, now_us())
+        if revoked:
+            log.info("revoked token %s", token_id, extra={"token_id": token_id})
+        else:
+            log.info("token %s was already revoked", token_id, extra={"token_id": token_id})
+        return revoked
+
+
+def _minted(
+    token: vs.Token,
+    key_id: str,
+    key: bytes,
+    metadata: dict[str, str] | None,
+    how: str,
+    **fields: str,
+) -> str:
+    """The token's text; the log gets its id and key id, never the text."""
+    text = tokens.encode(token, key_id, key, metadata)
+    kind = "invite" if token.invite else "login"
+    token_id = tokens.token_id_hex(token)
+    about = "".join(f", {name} {value}" for name, value in fields.items())
+    fields.update(token_id=token_id, key_id=key_id, token_kind=kind, minted_by=how)
+    log.info(
+        "minted %s token %s by %s with key %s%s", kind, token_id, how, key_id, about, extra=fields
+    )
+    return text
 
 
 def _now() -> datetime.datetime:

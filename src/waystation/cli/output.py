@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from waystation import logs
 from waystation.client import Connection
 
 # Piped output is not cut to 80 columns: scripts and pagers get whole values.
@@ -86,15 +87,19 @@ def rpc_errors(ctx: Context, about: str = "") -> Iterator[None]:
             fail(f"{about}: {details} ({code.name})" if about else f"{details} ({code.name})")
 
 
-def configure_logging(level: str) -> None:
-    """Logging for the long-running commands (server, runner, provisioner daemon)."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Logging for the long-running commands (server, runner, provisioner daemon):
+    `text` lines for people, or `json` (one object a line) for log collectors."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.formatter(log_format))
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
+        level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True
     )
     # Alembic 1.17+ announces each of its plugins at INFO on every start.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, logs.QuietAlembicStart) for f in migration.filters):
+        migration.addFilter(logs.QuietAlembicStart())
 
 
 def fail(message: str) -> NoReturn:

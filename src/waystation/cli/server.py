@@ -20,6 +20,7 @@ from waystation.cli.server_config import ConfigError, Setting, resolve, shown
 from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
 from waystation.durations import DurationError, parse_go_duration
 from waystation.engine.rules import Timeouts, now_us
+from waystation.logs import LOG_FORMATS
 
 app = typer.Typer(help="Run the waystation server.", no_args_is_help=True)
 
@@ -121,7 +122,7 @@ def run(
     """Serve the Vagrant and provisionerd protocols until SIGINT or SIGTERM."""
     configured = _configure(ctx, config)
     settings = configured.settings
-    configure_logging(configured.log_level)
+    configure_logging(configured.log_level, settings.log_format)
     if settings.timeouts.provisioner_hang < 15:
         hang = configured.entries["hang_timeout"]
         logging.getLogger("waystation").warning(
@@ -214,7 +215,7 @@ def _settings(entries: dict[str, Setting]) -> ServerSettings:
     level = getattr(logging, str(value("log_level")).upper(), None)
     if not isinstance(level, int):
         _bad(entries["log_level"], f"unknown log level {value('log_level')!r}")
-    if value("log_format") not in ("text", "json"):
+    if value("log_format") not in LOG_FORMATS:
         _bad(
             entries["log_format"], f"unknown log format {value('log_format')!r}: want text or json"
         )
