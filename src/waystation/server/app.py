@@ -13,7 +13,8 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # health.aio, spelled for mypy
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
 import waystation
 from waystation.auth.service import Authenticator
@@ -27,6 +28,7 @@ from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server import admin, provisionerd, provisioning, vagrant
 from waystation.server.auth import Guard
+from waystation.server.decoding import DecodeSafely
 from waystation.store import Store, snapshot
 from waystation.store.connect import open_store
 
@@ -95,31 +97,35 @@ async def start(settings: ServerSettings) -> RunningServer:
         ],
     )
     # Servicers are plain classes (see server.unimplemented): cast for the stubs' types.
+    # Our services answer requests that do not parse with INVALID_ARGUMENT (server.decoding).
+    safe = cast(aio.Server, DecodeSafely(server))
     vs_grpc.add_VagrantServicer_to_server(
         cast(vs_grpc.VagrantServicer, vagrant.VagrantService(engine, authenticator, settings.auth)),
-        cast(aio.Server, AllowEncoded(server)),
+        cast(aio.Server, AllowEncoded(safe)),
     )
     pd_grpc.add_ProvisionerDaemonServicer_to_server(
         cast(
             pd_grpc.ProvisionerDaemonServicer,
             provisionerd.ProvisionerDaemonService(engine, authenticator, settings.auth),
         ),
-        server,
+        safe,
     )
     pv_grpc.add_ProvisioningServicer_to_server(
-        cast(pv_grpc.ProvisioningServicer, provisioning.ProvisioningService(engine)), server
+        cast(pv_grpc.ProvisioningServicer, provisioning.ProvisioningService(engine)), safe
     )
     admin_grpc.add_AdminServicer_to_server(
         cast(
             admin_grpc.AdminServicer,
             admin.AdminService(engine, authenticator, settings.data_dir, exit_requested.set),
         ),
-        server,
+        safe,
     )
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, safe)
+    # What reflection.enable_server_reflection does for an aio server, through `safe`.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        AsyncReflectionServicer((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+        safe,
     )
     try:
         if settings.tls_cert and settings.tls_key:
