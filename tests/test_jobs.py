@@ -15,6 +15,8 @@ from waystation import testing as t
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
+from waystation.protocol.waystation.v1 import admin_pb2 as admin_pb
+from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer
 from waystation.store import jobs as job_tx
 
@@ -203,6 +205,47 @@ async def test_assignment_by_id_ignores_case_and_by_id_only_skips_any(
         assert still.state == Job.QUEUED
     finally:
         await picky.close()
+
+
+async def test_runner_ids_go_back_exactly_as_the_runner_registered_them(
+    vagrant: vs_grpc.VagrantAsyncStub, admin: admin_grpc.AdminAsyncStub, channel: aio.Channel
+) -> None:
+    registered = "WSCheck-Runner-1"
+    fake = await runner(channel, registered, by_id_only=True)
+    try:
+        for asked in (registered, registered.lower(), registered.upper()):
+            found = await vagrant.GetRunner(vs.GetRunnerRequest(runner_id=asked))
+            assert found.id == registered
+        listed = await admin.ListRunners(admin_pb.ListRunnersRequest())
+        assert [r.runner.id for r in listed.runners] == [registered]
+
+        # Queued first, then assigned by the runner's own look; the stream may
+        # name the runner in any case.
+        first = await queue(vagrant, t.noop_job(registered.upper()))
+        stream = t.JobStream(fake.stub, registered.lower())
+        job = await stream.take()
+        assert (job.id, job.assigned_runner.id) == (first, registered)
+        await stream.complete()
+        # Queued while the runner waits: handed to it in the queue's transaction.
+        stream = fake.job_stream()
+        await stream.request()
+        second = await queue(vagrant, t.noop_job("wscheck-RUNNER-1"))
+        job = await stream.assignment()
+        assert (job.id, job.assigned_runner.id) == (second, registered)
+        await stream.send(ack=stream.Req.Ack())
+        await stream.complete()
+
+        for job_id, target in ((first, registered.upper()), (second, "wscheck-RUNNER-1")):
+            got = await t.wait_for_state(vagrant, job_id, Job.SUCCESS)
+            assert got.assigned_runner.id == registered
+            assert got.target_runner.id.id == target  # as it was queued
+            events = await t.watch(vagrant, job_id)
+            states = [e.state for e in events if e.WhichOneof("event") == "state"]
+            assert states and states[-1].job.assigned_runner.id == registered
+        jobs = (await vagrant._ListJobs(vs.ListJobsRequest())).jobs
+        assert [j.assigned_runner.id for j in jobs] == [registered, registered]
+    finally:
+        await fake.close()
 
 
 async def test_oldest_job_first(vagrant: vs_grpc.VagrantAsyncStub, channel: aio.Channel) -> None:

@@ -16,11 +16,13 @@ from sqlalchemy.engine import Connection
 
 from waystation.config import sqlite_url
 from waystation.errors import AlreadyExists, WaystationError
+from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
+from waystation.store import jobs as job_tx
 from waystation.store import runners as runner_tx
 from waystation.store.migrate import alembic_config
 from waystation.store.prepared import Prepared
-from waystation.store.schema import bases, metadata, projects, runners
+from waystation.store.schema import bases, jobs, metadata, projects, runners
 
 
 def _insert(conn: Connection, name: str, fail: bool) -> str:
@@ -176,6 +178,59 @@ def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> 
             assert "bases" not in sa.inspect(conn).get_table_names()
             command.upgrade(alembic_config(conn), "head")
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+        store.db.run_sync(check)
+    finally:
+        asyncio.run(store.close())
+
+
+def test_upgrade_gives_held_jobs_the_id_their_runner_registered(backend_url: str) -> None:
+    """Migration 0005 upgrades a database in place: a job held before it says
+    which runner holds it as that runner registered, not lowercased."""
+    store = Store.open(backend_url)
+    try:
+
+        def check(conn: Connection) -> None:
+            command.downgrade(alembic_config(conn), "0004")
+            runner = vs.Runner(id="WSCheck-Runner-1")
+            conn.execute(
+                sa.insert(runners).values(
+                    id="wscheck-runner-1",
+                    by_id_only=False,
+                    first_seen=1,
+                    last_seen=1,
+                    data=runner.SerializeToString(),
+                )
+            )
+            old_jobs = sa.table(  # the 0004 columns that matter
+                "jobs",
+                *(
+                    sa.column(name)
+                    for name in ("id", "kind", "state", "operation", "queue_time", "data")
+                ),
+                sa.column("assigned_runner"),
+            )
+            for job_id, holder in (("held", "wscheck-runner-1"), ("queued", None)):
+                conn.execute(
+                    sa.insert(old_jobs).values(
+                        id=job_id,
+                        kind="vagrant",
+                        state=3 if holder else 1,
+                        operation="noop",
+                        queue_time=1,
+                        data=b"",
+                        assigned_runner=holder,
+                    )
+                )
+            command.upgrade(alembic_config(conn), "head")
+            rows = conn.execute(
+                sa.select(jobs.c.id, jobs.c.assigned_runner, jobs.c.assigned_runner_id)
+            )
+            assert sorted(rows) == [
+                ("held", "wscheck-runner-1", "WSCheck-Runner-1"),
+                ("queued", None, None),
+            ]
+            assert job_tx.job_get(conn, "held").assigned_runner.id == "WSCheck-Runner-1"
 
         store.db.run_sync(check)
     finally:

@@ -51,6 +51,7 @@ Recheck = Callable[[], Awaitable[None]]
 class Waiter:
     runner_id: str  # lowercased
     by_id_only: bool
+    registered_id: str  # as the runner registered it: what its jobs say on the wire
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     parked: bool = True  # False once next_job has returned or given up
     sleeping: bool = False  # in wake.wait(), not looking at the queue itself
@@ -141,7 +142,7 @@ class JobEngine:
                     job,
                     now_us(),
                     expiry,
-                    job_tx.Runner(waiter.runner_id, waiter.by_id_only),
+                    job_tx.Runner(waiter.registered_id, waiter.by_id_only),
                     to_us(self.timeouts.ack),
                 )
             finally:
@@ -210,7 +211,7 @@ class JobEngine:
 
         `recheck` (the caller's credentials) runs before each look after the
         first: a runner whose token was revoked while it waited gets nothing."""
-        waiter = Waiter(runner.id.lower(), runner.by_id_only)
+        waiter = Waiter(runner.id.lower(), runner.by_id_only, runner.id)
         self._waiters.append(waiter)
         ack_timeout = to_us(self.timeouts.ack)
         first = True
@@ -236,7 +237,7 @@ class JobEngine:
                 assigning = asyncio.ensure_future(
                     self.db.write(
                         job_tx.job_assign,
-                        waiter.runner_id,
+                        waiter.registered_id,
                         waiter.by_id_only,
                         now_us(),
                         ack_timeout,

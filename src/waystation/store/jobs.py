@@ -181,10 +181,17 @@ def _fill_data_source(conn: Connection, job: vs.Job, scope: Scope) -> None:
 def job_assign(
     conn: Connection, runner_id: str, by_id_only: bool, now: int, ack_timeout: int
 ) -> vs.Job | None:
-    """Give the runner the oldest QUEUED job it may run, now WAITING; None if none."""
+    """Give the runner the oldest QUEUED job it may run, now WAITING; None if none.
+    `runner_id` is the id as the runner registered it, which the job keeps."""
     rid = runner_id.lower()
     for job_id, scope_key in _CANDIDATES[by_id_only].all(conn, rid=rid):
-        take = {"id": job_id, "rid": rid, "now": now, "deadline": now + ack_timeout}
+        take = {
+            "id": job_id,
+            "rid": rid,
+            "registered": runner_id,
+            "now": now,
+            "deadline": now + ack_timeout,
+        }
         if scope_key is None:
             row = _TAKE.one(conn, **take)
         else:
@@ -206,7 +213,7 @@ def job_assign(
 class Runner:
     """A runner parked for work: whom a queued job may be handed to at once."""
 
-    id: str
+    id: str  # as it registered
     by_id_only: bool
 
 
@@ -266,6 +273,7 @@ _TAKE = Prepared(
     .values(
         state=WAITING,
         assigned_runner=sa.bindparam("rid"),
+        assigned_runner_id=sa.bindparam("registered"),
         assign_time=sa.bindparam("now"),
         ack_deadline=sa.bindparam("deadline"),
     )
@@ -335,6 +343,7 @@ def job_nack(conn: Connection, job_id: str, runner_id: str, assigned_at: int) ->
 _REQUEUE = {
     "state": QUEUED,
     "assigned_runner": None,
+    "assigned_runner_id": None,
     "assign_time": None,
     "ack_deadline": None,
     "heartbeat_deadline": None,
@@ -613,7 +622,8 @@ def _message(row: Any) -> vs.Job:
     job = vs.Job.FromString(row.data)
     job.state = row.state
     if row.assigned_runner:
-        job.assigned_runner.id = row.assigned_runner
+        # As the runner registered it; the lowercased key only matches.
+        job.assigned_runner.id = row.assigned_runner_id or row.assigned_runner
     for column in (
         "queue_time",
         "assign_time",

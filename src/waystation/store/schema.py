@@ -100,8 +100,11 @@ jobs = sa.Table(
     sa.Column("target_id", sa.Text, index=True),
     # The runner it must run on, lowercased; NULL means any runner.
     sa.Column("runner_id", sa.Text),
-    # The runner (or provisioner daemon) holding it.
+    # The runner (lowercased, as runners match ignoring case) or provisioner
+    # daemon (as it came) holding it.
     sa.Column("assigned_runner", sa.Text),
+    # A runner holder's id exactly as it registered: what goes back on the wire.
+    sa.Column("assigned_runner_id", sa.Text),
     sa.Column("queue_time", sa.BigInteger, nullable=False),
     sa.Column("assign_time", sa.BigInteger),
     sa.Column("ack_time", sa.BigInteger),
