@@ -24,7 +24,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from hypothesis import HealthCheck, given
 from hypothesis import settings as fuzzing
 from hypothesis import strategies as st
@@ -35,14 +36,14 @@ from waystation.logs import limited
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.server.app import SERVICES, RunningServer
-from waystation.server.auth import PUBLIC_METHODS
+from waystation.server.auth import PUBLIC_METHODS, PUBLIC_PREFIXES
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 BROKEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-METHODS = [
-    m for name in SERVICES for m in descriptor_pool.Default().FindServiceByName(name).methods
-]
+# Ours, and health and reflection: public, so anyone could flood the log through them.
+SERVED = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+METHODS = [m for name in SERVED for m in descriptor_pool.Default().FindServiceByName(name).methods]
 CORRUPT = b"\xff\xff\xff"  # a tag whose varint never ends
 CORRUPT_REASON = "wire format was corrupt"
 UTF8_REASON = "string field had bad UTF-8"
@@ -140,6 +141,11 @@ async def send_raw(
     return grpc.StatusCode.OK, ""
 
 
+def is_public(method: MethodDescriptor) -> bool:
+    path = path_of(method)
+    return path in PUBLIC_METHODS or path.startswith(PUBLIC_PREFIXES)
+
+
 def invalid(method: MethodDescriptor, reason: str) -> Status:
     return INVALID_ARGUMENT, f"request body is not a valid {method.input_type.full_name}: {reason}"
 
@@ -188,7 +194,7 @@ async def test_every_method_answers_invalid_argument_after_the_guard(
         body = bad_utf8(method.input_type)
         if body is not None:
             cases.append((method, body, UTF8_REASON))
-    assert len(METHODS) >= 65
+    assert len(METHODS) >= 65 + 3
     # Most requests have a string field; Empty and a few others have none in reach.
     assert sum(reason == UTF8_REASON for _, _, reason in cases) >= 40
 
@@ -205,7 +211,7 @@ async def test_every_method_answers_invalid_argument_after_the_guard(
     ):
         if got_with != invalid(method, reason):
             wrong[f"{method.name} ({reason}, token)"] = got_with
-        if path_of(method) in PUBLIC_METHODS:
+        if is_public(method):
             want_without = invalid(method, reason)
         else:
             want_without = (UNAUTHENTICATED, "Authorization token is not supplied")
@@ -234,9 +240,7 @@ async def test_every_method_answers_invalid_argument_after_the_guard(
     # A window later, the next line of a cause counts what was held back.
     fake_clock[0] += limited.interval
     corrupt_calls = sum(reason == CORRUPT_REASON for _, _, reason in cases)
-    public_corrupt = sum(
-        reason == CORRUPT_REASON and path_of(m) in PUBLIC_METHODS for m, _, reason in cases
-    )
+    public_corrupt = sum(reason == CORRUPT_REASON and is_public(m) for m, _, reason in cases)
     get_job = vs.DESCRIPTOR.services_by_name["Vagrant"].methods_by_name["GetJob"]
     assert await send_raw(plain, get_job, [CORRUPT], with_token) == invalid(get_job, CORRUPT_REASON)
     last = lines("waystation.server.decoding")[-1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +86,18 @@ def decode_safely(method: str, handler: Any) -> Any:
         (True, True): "stream_stream",
     }[kind]
     behavior = getattr(handler, field)
-    if parse is None or not _is_async(behavior):
-        return handler  # raw bytes, or a sync handler (thread pool): left as gRPC has it
+    if parse is None:
+        return handler  # raw bytes
+    if _is_async(behavior):
+        wrap = _request_stream if handler.request_streaming else _request
+    elif not handler.request_streaming:
+        # A sync handler runs on gRPC's thread pool (grpc_health's List is one).
+        wrap = _sync_stream if handler.response_streaming else _sync_request
+    else:
+        return handler  # a sync request stream: none is served
     message_class = getattr(parse, "__self__", None)
     descriptor = getattr(message_class, "DESCRIPTOR", None)
     type_name = getattr(descriptor, "full_name", "") or f"request of {method}"
-    wrap = _request_stream if handler.request_streaming else _request
     return handler._replace(
         request_deserializer=_lenient(parse, type_name), **{field: wrap(method, behavior)}
     )
@@ -117,6 +123,11 @@ def _lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes],
 
 async def reject(context: Ctx, method: str, request: Undecodable) -> None:
     """End the call with INVALID_ARGUMENT (raises AbortError), logged rate-limited."""
+    _log(context, method, request)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+
+def _log(context: Any, method: str, request: Undecodable) -> None:
     peer = context.peer()
     limited.log(
         log,
@@ -130,7 +141,26 @@ async def reject(context: Ctx, method: str, request: Undecodable) -> None:
         peer=peer,
         code=grpc.StatusCode.INVALID_ARGUMENT.name,
     )
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+
+def _sync_request(method: str, behavior: Any) -> Any:
+    def checked(request: Any, context: grpc.ServicerContext) -> Any:
+        if type(request) is Undecodable:
+            _log(context, method, request)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        return behavior(request, context)
+
+    return checked
+
+
+def _sync_stream(method: str, behavior: Any) -> Any:
+    def checked(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if type(request) is Undecodable:
+            _log(context, method, request)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        yield from behavior(request, context)
+
+    return checked
 
 
 def _writing(behavior: Any) -> Any:
