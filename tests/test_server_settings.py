@@ -375,3 +375,19 @@ async def test_sqlite_is_not_waited_for() -> None:
     with pytest.raises(DatabaseUnreachable, match="cannot connect to the database at sqlite"):
         await open_store("sqlite:////x/y.db", opener=opener, sleep=clock.sleep, clock=clock)
     assert clock.slept == []
+
+
+async def test_a_database_host_that_never_answers_is_an_attempt_that_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection the kernel accepts but nobody answers would hold an attempt for
+    as long as the host stays silent: each one is bounded, and the wait goes on."""
+    monkeypatch.setattr("waystation.store.database.PG_CONNECT_TIMEOUT", 1)
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # never accepted: the startup packet gets no answer
+        url = f"postgresql://app@127.0.0.1:{silent.getsockname()[1]}/ws"
+        clock = FakeClock()
+        with pytest.raises(DatabaseUnreachable, match=r"after 2 attempts in 1 s.*timeout"):
+            await open_store(url, wait=1, sleep=clock.sleep, clock=clock)

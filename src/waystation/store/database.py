@@ -23,6 +23,7 @@ import asyncio
 import collections
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -48,6 +49,8 @@ TxFn = Callable[Concatenate[Connection, P], T]
 MAX_BATCH = 128
 # How long a write waits for SQLite's lock held by another process.
 BUSY_TIMEOUT_MS = 30_000
+# Seconds a PostgreSQL connection attempt may take.
+PG_CONNECT_TIMEOUT = 10
 
 
 @dataclass
@@ -65,6 +68,16 @@ Outcome = tuple[_Work, Any, BaseException | None]  # the work, its result, or wh
 BatchRun = Callable[[Connection, list[_Work]], tuple[Connection, list[Outcome]]]
 
 _STOP = object()
+
+
+def _pg_connect_args(url: str) -> dict[str, Any]:
+    """A connection attempt to a host that drops packets would take minutes (the
+    kernel's SYN retries, then nothing bounds the startup exchange): bounded,
+    so that a start waiting for its database (store.connect) tries again, unless
+    the URL or PGCONNECT_TIMEOUT says otherwise."""
+    if "connect_timeout" in sa.make_url(url).query or os.environ.get("PGCONNECT_TIMEOUT"):
+        return {}
+    return {"connect_timeout": PG_CONNECT_TIMEOUT}
 
 
 def normalize_url(url: str) -> str:
@@ -92,7 +105,11 @@ class Database:
         elif self.dialect == "postgresql":
             writers = 4
             self._write_engine = sa.create_engine(
-                self.url, pool_size=writers + readers, max_overflow=4, pool_pre_ping=True
+                self.url,
+                pool_size=writers + readers,
+                max_overflow=4,
+                pool_pre_ping=True,
+                connect_args=_pg_connect_args(self.url),
             )
             self._read_engine = self._write_engine
             self._inline_reads = False
