@@ -98,6 +98,13 @@ def pending_text(job: Job) -> str:
     return ""
 
 
+def failure_text(job: Job) -> str:
+    """A job's error with its code, as people see it (empty when it has none)."""
+    if job.error and job.error_code:
+        return f"{job.error} ({job.error_code})"
+    return job.error or job.error_code
+
+
 def watch(c: Context, job_id: str, logs: Console = out) -> Job:
     """Follow a job's logs live (to `logs`); return it as it ended."""
     stage = ""
@@ -129,14 +136,13 @@ def watch(c: Context, job_id: str, logs: Console = out) -> Job:
         finally:
             clock.stop()
     err.print(Text.assemble(f"job {job_id}: ", status_text(last)))
-    if last.error:
-        err.print(Text(last.error, "red"))
     return last
 
 
 def _exit_for(job: Job) -> None:
+    """Exit 1 with the job's error and code unless it succeeded."""
     if job.status != Job.SUCCEEDED:
-        raise typer.Exit(1)
+        fail(failure_text(job) or f"job {job.id} {Job.Status.Name(job.status).lower()}")
 
 
 def _resources(resources: Iterable[sdk.Resource], title: str) -> None:
@@ -291,10 +297,13 @@ def template_versions(ctx: typer.Context, template: str, as_json: Json = False) 
             ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())),
             Job.Status.Name(v.job.status).lower(),
             v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+            failure_text(v.job),
         ]
         for v in found
     ]
-    print_table(["name", "id", "provisioner", "tags", "import", "created"], rows, "no versions")
+    print_table(
+        ["name", "id", "provisioner", "tags", "import", "created", "error"], rows, "no versions"
+    )
 
 
 # -- workspaces ----------------------------------------------------------------------
@@ -450,7 +459,7 @@ def workspace_show(ctx: typer.Context, name: str, owner: Owner = "", as_json: Js
             Job.Status.Name(b.job.status).lower(),
             str(b.daily_cost),
             b.job_id,
-            b.job.error,
+            failure_text(b.job),
         ]
         for b in shown.builds
     ]
@@ -645,12 +654,13 @@ def jobs_list(
             j.provisioner,
             ",".join(f"{k}={v}" for k, v in sorted(j.tags.items())),
             Job.Status.Name(j.status).lower(),
-            pending_text(j) or j.daemon_id or j.error,
+            pending_text(j) or j.daemon_id,
+            failure_text(j),
         ]
         for j in found
     ]
     empty = "no provisioner jobs" if include_done else "no pending provisioner jobs"
-    print_table(["id", "type", "provisioner", "tags", "status", "where"], rows, empty)
+    print_table(["id", "type", "provisioner", "tags", "status", "where", "error"], rows, empty)
 
 
 @jobs_app.command("show")
@@ -664,7 +674,7 @@ def jobs_show(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
     out.print(f"type: {Job.Type.Name(job.type).lower()}; provisioner: {job.provisioner}")
     for label, value in (
         ("daemon", job.daemon_id),
-        ("error", job.error),
+        ("error", failure_text(job)),
         ("waiting", pending_text(job)),
     ):
         if value:
