@@ -391,3 +391,18 @@ async def test_a_database_host_that_never_answers_is_an_attempt_that_ends(
         clock = FakeClock()
         with pytest.raises(DatabaseUnreachable, match=r"after 2 attempts in 1 s.*timeout"):
             await open_store(url, wait=1, sleep=clock.sleep, clock=clock)
+
+
+def test_server_keys_on_a_bad_or_missing_database_is_one_line(tmp_path: Path) -> None:
+    unsupported = waystation("server", "keys", "rotate", "--db", "mysql://root:hunter2@x/db")
+    assert unsupported.returncode == 2, t.show(unsupported)
+    assert lines(unsupported.stderr) == [
+        "error: unsupported database URL 'mysql://root@x/db': use sqlite:///PATH or postgresql://..."
+    ]
+    with closed_port() as port:
+        down = waystation("server", "keys", "list", "--db", f"postgresql://a:b@127.0.0.1:{port}/w")
+    assert down.returncode == 1, t.show(down)
+    assert lines(down.stderr) == [
+        f"error: cannot connect to the database at postgresql://a@127.0.0.1:{port}/w:"
+        " connection refused"
+    ]

@@ -306,10 +306,23 @@ Db = Annotated[str, typer.Option("--db", envvar="WAYSTATION_DB", show_default=Fa
 
 
 def _store_write(data_dir: Path | None, db: str, fn: Any, *args: Any) -> Any:
+    import sqlalchemy as sa
+
     from waystation.store import Store
+    from waystation.store.connect import UnsupportedDatabase, check_url, reason, redact
 
     settings = ServerSettings(data_dir=data_dir or default_data_dir(), db_url=db or None)
-    store = Store.open(settings.database_url)
+    url = settings.database_url
+    try:
+        check_url(url)
+        store = Store.open(url)
+    except UnsupportedDatabase as exc:  # as `server run`: one line, not a traceback
+        err.print(Text.assemble(("error:", "red"), " ", str(exc)))
+        raise typer.Exit(2) from None
+    except sa.exc.OperationalError as exc:  # no waiting here: a person is at the keyboard
+        message = f"cannot connect to the database at {redact(url)}: {reason(exc)}"
+        err.print(Text.assemble(("error:", "red"), " ", message))
+        raise typer.Exit(1) from None
     try:
         return store.db.run_sync(lambda conn: fn(conn, *args))
     finally:
