@@ -203,8 +203,8 @@ def test_a_database_down_at_start_is_retried_then_given_up_on(tmp_path: Path) ->
         output,
         re.MULTILINE,
     )
-    assert waiting[:2] == ["1", "2"], output  # 1 s, then 2 s (cut to what is left)
-    assert waiting == [str(i) for i in range(1, len(waiting) + 1)]
+    # 1 s apart, then 2 s, cut to what is left: how many fit depends on the machine.
+    assert waiting and waiting == [str(i) for i in range(1, len(waiting) + 1)], output
     gave_up = f"gave up waiting for the database at {shown} after {len(waiting) + 1} attempts"
     assert gave_up in output
     assert len(lines(output)) == len(waiting) + 1, output  # one line per attempt, nothing else
