@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,7 +28,8 @@ from google.rpc import code_pb2
 from grpc import aio
 
 from waystation import testing as t
-from waystation.engine.rules import Timeouts
+from waystation.client import reconnect_pause
+from waystation.engine.rules import Timeouts, now_us
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -45,6 +47,8 @@ from waystation.runner.plugins import (
     Plugin,
 )
 from waystation.server.app import RunningServer
+from waystation.store import Store
+from waystation.store import jobs as job_tx
 
 Job = vs.Job
 Event = vs.GetJobStreamResponse.Terminal.Event
@@ -1313,3 +1317,140 @@ async def test_runner_reconnects_after_the_server_is_killed_and_restarted(
     finally:
         if server.proc is not None and server.proc.poll() is None:
             await asyncio.to_thread(server.stop)
+
+
+# -- a job in hand across a server restart (resume) ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def server_on_a_fixed_port(
+    backend_url: str, tmp_path: Path, *args: str
+) -> AsyncIterator[t.ServerProcess]:
+    """`waystation server run` in its own process, on a port that stays the same
+    across restarts (runners reconnect to their address)."""
+    address = f"127.0.0.1:{free_port()}"
+    server = t.ServerProcess(tmp_path / "server", backend_url, "--listen", address, *args)
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            await asyncio.to_thread(server.kill)
+
+
+@pytest.mark.parametrize("count", [30, 120], ids=["ends-while-away", "runs-on-after"])
+async def test_a_job_in_hand_carries_on_across_a_kill_9_of_the_server(
+    backend_url: str, tmp_path: Path, runner_dir: Path, count: int
+) -> None:
+    """The command keeps running while the server is away (it may end meanwhile);
+    once the server is back the runner resumes the job: every line once, in order,
+    to a watcher of the restarted server too."""
+    script = f"for i in $(seq 1 {count}); do echo line $i; sleep 0.05; done"
+    expected = "".join(f"line {i}\n" for i in range(1, count + 1))
+    async with server_on_a_fixed_port(backend_url, tmp_path) as server:
+        async with running_agent(server.address, runner_dir, plugins=plugins()) as agent:
+            async with stub_for(server.address) as stub:
+                job_id = await queue(stub, exec_job(script))
+                await first_output(stub, job_id)
+            await asyncio.to_thread(server.kill)
+            await asyncio.sleep(1.0)  # away a while: output piles up on the runner
+            assert await asyncio.to_thread(server.start) == server.address
+            async with stub_for(server.address) as stub:
+                watching = asyncio.ensure_future(t.watch(stub, job_id, timeout=90))
+                succeeded(await finished(stub, job_id, timeout=90))
+                assert stdout(await watching) == expected
+                assert stdout(await t.watch(stub, job_id)) == expected
+            assert agent.jobs_done == 1
+        log = server.output()
+        assert "heartbeat timeout" not in log, log
+
+
+async def test_a_refused_resume_stops_the_command_and_reports_nothing(
+    backend_url: str, tmp_path: Path, runner_dir: Path
+) -> None:
+    """The job ended while the server was away (here: force-cancelled in the
+    database directly): the resume is refused, the runner stops the command and
+    reports nothing more for it, then takes new work."""
+    async with (
+        server_on_a_fixed_port(backend_url, tmp_path) as server,
+        running_agent(server.address, runner_dir, plugins=plugins()) as agent,
+    ):
+        async with stub_for(server.address) as stub:
+            job_id = await queue(stub, exec_job("echo $$; sleep 60"))
+            pgid = int(await first_output(stub, job_id))
+        await asyncio.sleep(1.0)  # its line is persisted (the writer flushes within ~50 ms)
+        await asyncio.to_thread(server.kill)
+        store = await asyncio.to_thread(Store.open, backend_url)
+        try:
+            for _ in range(2):  # the second cancel forces it
+                await store.db.write(job_tx.job_cancel, job_id, now_us())
+        finally:
+            await store.close()
+        assert await asyncio.to_thread(server.start) == server.address
+        await group_gone(pgid, 60)
+        async with stub_for(server.address) as stub:
+            ended = failed(await finished(stub, job_id), code_pb2.CANCELLED, "canceled")
+            assert stdout(await t.watch(stub, job_id)) == f"{pgid}\n"
+            # It takes new work, on a fresh stream.
+            done = succeeded(await run(stub, exec_job("echo next")))
+            assert stdout(await t.watch(stub, done.id)) == "next\n"
+            assert await stub.GetJob(vs.GetJobRequest(job_id=job_id)) == ended
+        assert agent.jobs_done == 2
+
+
+async def test_the_reconnect_backoff_starts_over_after_a_successful_reconnect(
+    backend_url: str, tmp_path: Path, runner_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delays: list[float] = []
+    real = reconnect_pause
+
+    async def recorded(why: str, delay: float, stop: asyncio.Event, most: float) -> float:
+        delays.append(delay)
+        return await real(why, delay, stop, most)
+
+    monkeypatch.setattr("waystation.runner.agent.reconnect_pause", recorded)
+    address = f"127.0.0.1:{free_port()}"
+    server = t.ServerProcess(tmp_path / "server", backend_url, "--listen", address)
+    try:
+        async with running_agent(
+            address, runner_dir, plugins=plugins(), registered=False, backoff_max=8.0
+        ) as agent:
+            await until(lambda: len(delays) >= 3, 60, "three failed attempts")
+            assert delays[:3] == [0.5, 1.0, 2.0]  # it backs off while the server is away
+            assert await asyncio.to_thread(server.start) == address
+            await asyncio.wait_for(agent.registered.wait(), 60)
+            before = len(delays)
+            await asyncio.to_thread(server.kill)
+            await until(lambda: len(delays) > before, 60, "a retry after the kill")
+            assert delays[before] == 0.5  # the new outage starts over
+            assert await asyncio.to_thread(server.start) == address
+            await asyncio.wait_for(agent.registered.wait(), 60)
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.parametrize("bad", ["not-a-token"], ids=["garbage"])
+async def test_the_runner_command_refused_its_token_prints_one_line(
+    server: RunningServer, token: str, runner_dir: Path, tmp_path: Path, bad: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYSTATION_")}
+    env |= {
+        "WAYSTATION_ADDR": server.address,
+        "WAYSTATION_TOKEN": bad,
+        "WAYSTATION_CONFIG": str(tmp_path / "contexts.json"),
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "waystation.cli.main", "runner", "--id", "r1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0, t.show(result)
+    assert "Traceback" not in result.stderr + result.stdout, t.show(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, t.show(result)
+    assert errors[0].startswith("error: ") and "UNAUTHENTICATED" in errors[0], t.show(result)

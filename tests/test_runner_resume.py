@@ -221,6 +221,7 @@ async def test_a_resumed_stream_gets_cancels_and_its_heartbeats_keep_the_job(
         job_id = await queue(vagrant, t.noop_job("r1"))
         old = fake.job_stream()
         assert (await old.take()).id == job_id
+        await t.wait_for_state(vagrant, job_id, Job.RUNNING)
         old.cancel()
         resumed = fake.resume_stream(job_id)
         _, held = await resumed.resumed()
@@ -247,6 +248,7 @@ async def test_the_heartbeat_timeout_still_ends_a_job_whose_runner_never_resumes
         job_id = await queue(vagrant, t.noop_job("r1"))
         stream = fake.job_stream()
         assert (await stream.take()).id == job_id
+        await t.wait_for_state(vagrant, job_id, Job.RUNNING)
         stream.cancel()
         ended = await t.wait_for_state(vagrant, job_id, Job.ERROR, timeout=30)
         assert ended.error.message == "canceled"

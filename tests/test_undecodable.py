@@ -349,3 +349,49 @@ async def test_random_bodies_never_break_the_server(
         assert details.startswith(f"request body is not a valid {method.input_type.full_name}: ")
         assert details.rpartition(": ")[2].lower() == error.rpartition(": ")[2].lower()
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_bad_message_while_a_job_runs_ends_the_stream_not_the_server(
+    server: RunningServer,
+    token: str,
+    channel: aio.Channel,
+    plain: aio.Channel,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    vagrant = vs_grpc.VagrantStub(channel)
+    runner = t.FakeRunner(channel, "r-bad")
+    await runner.register()
+    queued = await vagrant.QueueJob(vs.QueueJobRequest(job=t.noop_job("r-bad")))
+    requests: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def sent() -> AsyncIterator[bytes]:
+        while (item := await requests.get()) is not None:
+            yield item
+
+    Req = vs.RunnerJobStreamRequest
+    stream = path_of(vagrant_method("RunnerJobStream"))
+    call = plain.stream_stream(stream, request_serializer=None, response_deserializer=None)(
+        sent(), metadata=aio.Metadata(("authorization", token)), timeout=60
+    )
+    try:
+        await requests.put(Req(request=Req.Request(runner_id="r-bad")).SerializeToString())
+        raw = await call.read()
+        assert isinstance(raw, bytes)
+        assignment = vs.RunnerJobStreamResponse.FromString(raw)
+        assert assignment.assignment.job.id == queued.job_id
+        await requests.put(Req(ack=Req.Ack()).SerializeToString())
+        await requests.put(Req(terminal=t.lines_event("one")).SerializeToString())
+        await requests.put(CORRUPT)  # read by the handler's own reader task
+        await requests.put(None)
+        assert await call.code() == INVALID_ARGUMENT
+        want = invalid(vagrant_method("RunnerJobStream"), CORRUPT_REASON)[1]
+        assert await call.details() == want
+    finally:
+        call.cancel()
+        await runner.close()
+    # As when a runner leaves mid-job: the job stays RUNNING until the heartbeat timeout.
+    job = await vagrant.GetJob(vs.GetJobRequest(job_id=queued.job_id))
+    assert job.state == vs.Job.RUNNING
+    assert_no_traceback(caplog, capfd)
+    await assert_healthy(channel)

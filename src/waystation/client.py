@@ -99,10 +99,17 @@ class Connection:
             raw = grpc.insecure_channel(self.address, options=self._options())
         return grpc.intercept_channel(raw, _SyncMetadata(self.metadata()))
 
-    def aio_channel(self, options: Sequence[tuple[str, Any]] = ()) -> aio.Channel:
-        """An asyncio channel (runners, tests) that sends our metadata on every call."""
+    def aio_channel(
+        self, options: Sequence[tuple[str, Any]] = (), *, intercept_bidi: bool = True
+    ) -> aio.Channel:
+        """An asyncio channel (runners, tests) that sends our metadata on every call;
+        with intercept_bidi=False, bidirectional calls only if given `metadata()`:
+        grpc feeds an intercepted one's writes through a task that it leaves
+        pending when the server goes away ("Task was destroyed but it is pending")."""
         md = self.metadata()
-        kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+        kinds: tuple[Any, ...] = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary)
+        if intercept_bidi:
+            kinds += (_AioStreamStream,)
         interceptors: Any = [kind(md) for kind in kinds]
         opts = [*self._options(), *options]
         if self.uses_tls:

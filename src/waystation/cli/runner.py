@@ -9,13 +9,16 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import platformdirs
 import typer
+from grpc import aio
 
 from waystation.cli.output import (
     Context,
     call,
     configure_logging,
+    fail,
     print_json,
     print_record,
     print_table,
@@ -87,7 +90,15 @@ def agent(
         )
         await agent.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except aio.AioRpcError as exc:
+        # The server refused the runner itself (its token, most often): one
+        # line and a non-zero exit, not a traceback.
+        hint = ""
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            hint = " (log in with `waystation login`, or pass --token)"
+        fail(f"the server refused the runner: {exc.details()} ({exc.code().name}){hint}")
 
 
 @app.command("list")

@@ -306,18 +306,21 @@ class JobEngine:
         return job
 
     @contextlib.asynccontextmanager
-    async def attached(self, job_id: str, detach: Callable[[], None]) -> AsyncIterator[None]:
+    async def attached(self, job_id: str, detach: Callable[[], None]) -> AsyncIterator[bool]:
         """A runner stream carries the job on this server. A resumed stream takes
         over from a stale one (its runner lost it, we did not notice yet): the old
         one is told to let go and waited for, so that one writer at a time appends
-        the job's output and the count of events it holds is exact."""
+        the job's output and the count of events it holds is exact. Yields whether
+        it took over (the job may have changed meanwhile)."""
+        took_over = False
         while (old := self._attached.get(job_id)) is not None:
             old.detach()
             await old.gone.wait()
+            took_over = True
         mine = _Attachment(detach)
         self._attached[job_id] = mine
         try:
-            yield
+            yield took_over
         finally:
             del self._attached[job_id]
             mine.gone.set()

@@ -150,23 +150,24 @@ class RunnerRPCs:
             detached.set()
             changed.set()
 
-        async with (
-            self.engine.attached(job.id, detach),
-            self.engine.output_writer(job.id, resume=resume) as output,
-        ):
-            if resume:
-                await context.send_initial_metadata(((RESUME_EVENTS, str(output.events)),))
-                await context.write(Response(assignment=Response.JobAssignment(job=job)))
-            ending = asyncio.Event()  # set once the runner itself ends the job
-            watcher = asyncio.ensure_future(
-                self._watch_cancel(job, changed, context, ending, detached)
-            )
-            try:
-                await self._run(job.id, runner_id, requests, output, watcher, ending)
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+        async with self.engine.attached(job.id, detach) as took_over:
+            if took_over and resume:  # the stream before us may have ended it: look again
+                job = await self.engine.resume(job.id, runner_id)
+            async with self.engine.output_writer(job.id, resume=resume) as output:
+                if resume:
+                    header = ((RESUME_EVENTS, str(output.events)),)
+                    await context.send_initial_metadata(header)
+                    await context.write(Response(assignment=Response.JobAssignment(job=job)))
+                ending = asyncio.Event()  # set once the runner itself ends the job
+                watcher = asyncio.ensure_future(
+                    self._watch_cancel(job, changed, context, ending, detached)
+                )
+                try:
+                    await self._run(job.id, runner_id, requests, output, watcher, ending)
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
 
     async def _run(
         self,
