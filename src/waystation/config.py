@@ -1,4 +1,5 @@
-"""Server settings: one dataclass, filled from flags and environment by the CLI."""
+"""Server settings: one dataclass, filled by the CLI from flags, environment and the
+--config file (cli/server_config.py says which wins)."""
 
 from __future__ import annotations
 
