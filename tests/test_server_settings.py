@@ -27,7 +27,7 @@ import typer.main
 from waystation import testing as t
 from waystation.cli import server as server_cli
 from waystation.store import Store
-from waystation.store.connect import DatabaseUnreachable, open_store, redact
+from waystation.store.connect import DatabaseUnreachable, open_store, reason, redact, retryable
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -406,3 +406,33 @@ def test_server_keys_on_a_bad_or_missing_database_is_one_line(tmp_path: Path) ->
         f"error: cannot connect to the database at postgresql://a@127.0.0.1:{port}/w:"
         " connection refused"
     ]
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "Multiple connection attempts failed. All failures were:\n- host: 'localhost',"
+            " port: '1', hostaddr: '::1': connection failed: connection to server at \"::1\","
+            " port 1 failed: Connection refused\n\tIs the server running on that host and"
+            " accepting TCP/IP connections?\n- host: 'localhost', port: '1', hostaddr:"
+            " '127.0.0.1': connection failed: connection to server at \"127.0.0.1\", port 1"
+            " failed: Connection refused\n\tIs the server running on that host and accepting"
+            " TCP/IP connections?",
+            "connection refused",
+        ),
+        (
+            "failed to resolve host 'db.invalid': [Errno -2] Name or service not known",
+            "failed to resolve host 'db.invalid': [Errno -2] Name or service not known",
+        ),
+        (
+            'connection failed: connection to server at "10.0.0.9", port 5432 failed:'
+            " FATAL:  the database system is starting up",
+            "the database system is starting up",
+        ),
+    ],
+)
+def test_why_a_connection_failed_is_one_short_line(message: str, expected: str) -> None:
+    failure = sa.exc.OperationalError("connect", {}, psycopg.OperationalError(message))
+    assert reason(failure) == expected
+    assert retryable("postgresql://a@h/d", failure)  # none of these is final
