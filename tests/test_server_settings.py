@@ -436,3 +436,21 @@ def test_why_a_connection_failed_is_one_short_line(message: str, expected: str) 
     failure = sa.exc.OperationalError("connect", {}, psycopg.OperationalError(message))
     assert reason(failure) == expected
     assert retryable("postgresql://a@h/d", failure)  # none of these is final
+
+
+def test_durations_are_go_durations_or_seconds() -> None:
+    for given in ("90", "1.5", "1m30s", "0"):
+        assert settings_of("--db-wait", given)["settings"]["db-wait"]["value"] == given
+    refused = {
+        ("--db-wait", "-1s"): "--db-wait: must be zero or more seconds",
+        ("--ack-timeout", "0"): "--ack-timeout: must be positive",
+        ("--poll-interval", "inf"): "--poll-interval: must be positive",
+        ("--hang-timeout", "soon"): "--hang-timeout: time: invalid duration",
+    }
+    for args, message in refused.items():
+        result = waystation("server", "config", *args)
+        assert result.returncode == 2, t.show(result)
+        assert lines(result.stderr)[0].startswith(f"error: {message}"), t.show(result)
+    from_env = waystation("server", "config", env={"WAYSTATION_DB_WAIT": "later"})
+    assert from_env.returncode == 2
+    assert lines(from_env.stderr)[0].startswith("error: WAYSTATION_DB_WAIT: time: invalid")
