@@ -5,10 +5,11 @@ runs; a DecodeError there (corrupt wire format, bad UTF-8 in a string field)
 escapes to grpc.aio, which logs a traceback and answers UNKNOWN, or INTERNAL
 on a stream. One fuzzing client wrote thousands of tracebacks a minute.
 
-`DecodeSafely` registers services so that a body that does not parse becomes an
-`Undecodable` value instead, and the handler's wrapper answers
-INVALID_ARGUMENT naming the message type and the reason, with one rate-limited
-log line. The guard runs before the wrapper: a call it refuses is refused
+`DecodeSafely` registers services (ours, health, reflection) so that a body
+that does not parse becomes an `Undecodable` value instead, and the handler's
+wrapper answers INVALID_ARGUMENT naming the message type and the reason, logged
+rate-limited (waystation.logs: one line per reason every few seconds, however
+many clients). The guard runs before the wrapper: a call it refuses is refused
 (UNAUTHENTICATED) whatever its body. On request streams the check is made on
 each message read; a bad one ends the call with INVALID_ARGUMENT.
 """
@@ -65,7 +66,8 @@ class DecodeSafely:
 
 
 class _GenericDecodeSafely(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    # Registered handlers are looked up first: this serves only unregistered paths.
+    # gRPC looks registered handlers up first, so this per-call wrapping is hardly
+    # ever reached; it is here for servers that register only generic handlers.
     def __init__(self, inner: grpc.GenericRpcHandler[Any, Any]) -> None:
         self.inner = inner
 
