@@ -8,6 +8,7 @@ run --log-format json` as a child process.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
@@ -31,7 +32,7 @@ from waystation import testing as t
 from waystation.auth import tokens
 from waystation.auth.service import Authenticator
 from waystation.config import sqlite_url
-from waystation.engine.rules import now_us
+from waystation.engine.rules import Timeouts, now_us
 from waystation.logs import JsonFormatter, RateLimitedLog, limited
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -48,6 +49,12 @@ NOT_SUPPLIED = "Authorization token is not supplied"
 @pytest.fixture
 def backend_url(tmp_path: Path) -> str:
     return sqlite_url(tmp_path / "waystation.db")
+
+
+@pytest.fixture
+def timeouts() -> Timeouts:
+    """A short ack timeout, for a line about jobs it requeued."""
+    return Timeouts(poll=0.25, ack=1.0)
 
 
 @pytest.fixture
@@ -316,6 +323,32 @@ async def test_key_rotation_and_retirement_are_logged(
     keyed = [(r.getMessage(), r.__dict__["key_id"]) for r in caplog.records]
     assert keyed == [("signing key k2 is active", "k2"), ("signing key k1 was retired", "k1")]
     assert all(r.levelno == logging.INFO for r in caplog.records)
+
+
+async def test_timer_lines_carry_the_job_ids(
+    server: RunningServer, token: str, channel: aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    vagrant = vs_grpc.VagrantStub(channel)
+    runner = t.FakeRunner(channel, "r-slow")
+    await runner.register()
+    try:
+        queued = await vagrant.QueueJob(vs.QueueJobRequest(job=t.noop_job("r-slow")))
+        stream = runner.job_stream()
+        await stream.request()
+        assert (await stream.assignment()).id == queued.job_id  # and never acked
+        await t.wait_for_state(vagrant, queued.job_id, vs.Job.QUEUED, timeout=60)
+        stream.call.cancel()
+    finally:
+        await runner.close()
+    # The line follows the requeue's commit: wait for it too.
+    deadline = time.monotonic() + 60
+    while not (lines := [r for r in caplog.records if "ack timeout" in r.getMessage()]):
+        assert time.monotonic() < deadline, "no line about the requeue"
+        await asyncio.sleep(0.05)
+    [line] = lines
+    assert line.__dict__["job_ids"] == [queued.job_id]
+    assert json.loads(JsonFormatter().format(line))["job_ids"] == [queued.job_id]
 
 
 # -- the server process with --log-format json -----------------------------------------

@@ -532,11 +532,23 @@ class JobEngine:
                 self.feed.publish(job_topic(job_id))
                 self.feed.publish(output_topic(job_id))
             if hung:
-                log.warning("provisioner jobs failed as hung: %s", ", ".join(hung))
+                log.warning(
+                    "provisioner jobs failed as hung: %s",
+                    ", ".join(hung),
+                    extra={"job_ids": list(hung)},
+                )
         if fired.timed_out:
-            log.warning("jobs ended by the heartbeat timeout: %s", ", ".join(fired.timed_out))
+            log.warning(
+                "jobs ended by the heartbeat timeout: %s",
+                ", ".join(fired.timed_out),
+                extra={"job_ids": list(fired.timed_out)},  # a JSON log's field
+            )
         if fired.requeued:
-            log.info("jobs requeued after the ack timeout: %s", ", ".join(fired.requeued))
+            log.info(
+                "jobs requeued after the ack timeout: %s",
+                ", ".join(fired.requeued),
+                extra={"job_ids": list(fired.requeued)},
+            )
 
     async def _housekeeping_loop(self) -> None:
         loop = asyncio.get_running_loop()
