@@ -242,7 +242,13 @@ class Agent:
         self.jobs_done += 1  # counted before the ack's await: workers woken together see it
         if self._quota_reached():
             self._release_idle()
-        await call.write(Request(ack=Request.Ack()))
+        try:
+            await call.write(Request(ack=Request.Ack()))
+        except (aio.AioRpcError, asyncio.InvalidStateError):
+            # Not acked, so the server requeues it (at once, or at the ack timeout).
+            log.warning("job %s: lost the server before the ack", job.id)
+            self.jobs_done -= 1
+            return
         log.info("job %s: %s", job.id, _describe(job))
         await self._start(JobRun(self, call, stub, job, self._channel))
 
