@@ -18,8 +18,8 @@ from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
 from waystation.client import Connection
-from waystation.config import ServerSettings, sqlite_url
-from waystation.engine.rules import Timeouts
+from waystation.core.settings import ServerSettings, sqlite_url
+from waystation.core.timeouts import Timeouts
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer, start

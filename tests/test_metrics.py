@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import waystation
 from waystation import testing as t
-from waystation.config import ServerSettings
+from waystation.core.settings import ServerSettings
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd

@@ -24,7 +24,7 @@ import pytest
 from grpc import aio
 
 from waystation.client import Connection
-from waystation.engine.rules import Timeouts
+from waystation.core.timeouts import Timeouts
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk

@@ -14,7 +14,7 @@ import pytest
 from grpc import StatusCode, aio
 
 from waystation import testing as t
-from waystation.engine.rules import Timeouts
+from waystation.core.timeouts import Timeouts
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.server.app import RunningServer

@@ -31,7 +31,7 @@ from hypothesis import settings as fuzzing
 from hypothesis import strategies as st
 
 from waystation import testing as t
-from waystation.config import ServerSettings, sqlite_url
+from waystation.core.settings import ServerSettings, sqlite_url
 from waystation.logs import limited
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc

@@ -24,12 +24,14 @@ import grpc
 import platformdirs
 from grpc import aio
 
-from waystation.config import DEFAULT_ADDRESS, MAX_MESSAGE_BYTES
+from waystation.core.limits import MAX_MESSAGE_BYTES
+from waystation.core.settings import DEFAULT_ADDRESS
+from waystation.core.wire import API_PROTOCOL, AUTHORIZATION
 
 log = logging.getLogger(__name__)
 
 # Sent with every call, as upstream clients do: "<minimum>,<current>".
-PROTOCOL = ("client-api-protocol", "1,1")
+PROTOCOL = (API_PROTOCOL, "1,1")
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -51,7 +53,7 @@ class Connection:
     def metadata(self) -> list[tuple[str, str]]:
         md = [PROTOCOL]
         if self.token:
-            md.append(("authorization", self.token))
+            md.append((AUTHORIZATION, self.token))
         return md
 
     def _credentials(self) -> grpc.ChannelCredentials:

@@ -23,10 +23,10 @@ from google.rpc import status_pb2
 from grpc import aio
 
 from waystation.client import Connection
+from waystation.core.wire import RESUME_EVENTS, RESUME_JOB
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
-from waystation.wire import RESUME_EVENTS, RESUME_JOB
 
 _seq = itertools.count(1)
 

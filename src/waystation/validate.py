@@ -6,12 +6,14 @@ validation errors); present but malformed values are InvalidArgument.
 
 from __future__ import annotations
 
+import posixpath
 import re
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.protocol import vagrant_server_pb2 as vs
 
 MAX_NAME = 255
 MAX_PATH = 4096
@@ -88,3 +90,16 @@ def no_nul(message: Message, path: str = "") -> None:
                     no_nul(item, f"{where} ")
             else:
                 no_nul(value, f"{where} ")
+
+
+def git_source(git: vs.Job.Git) -> None:
+    """A job's git data source: checked when queued, and again by the runner."""
+    if not git.url:
+        raise FailedPrecondition("job git data source needs a url")
+    path("job", git.url, field="git url")
+    if git.path:
+        normalized = posixpath.normpath(git.path)
+        if posixpath.isabs(git.path) or normalized == ".." or normalized.startswith("../"):
+            raise InvalidArgument(
+                f"job git path must be relative and stay inside the repository: {git.path!r}"
+            )

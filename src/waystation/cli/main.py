@@ -15,7 +15,7 @@ from waystation import __version__
 from waystation.cli import auth, jobs, provisioning, runner, server, snapshot, state
 from waystation.cli.output import Context, fail
 from waystation.client import Connection, Contexts
-from waystation.config import DEFAULT_ADDRESS
+from waystation.core.settings import DEFAULT_ADDRESS
 
 app = typer.Typer(
     name="waystation",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
 from datetime import timedelta
 
 from waystation import validate
@@ -33,20 +32,8 @@ def check_new_job(job: vs.Job) -> None:
         if len(value) > validate.MAX_PATH:
             raise InvalidArgument(f"job label {key!r} is too long")
     if job.data_source.WhichOneof("source") == "git":
-        check_git(job.data_source.git)
+        validate.git_source(job.data_source.git)
     validate.record_size("job", job.ByteSize())
-
-
-def check_git(git: vs.Job.Git) -> None:
-    if not git.url:
-        raise FailedPrecondition("job git data source needs a url")
-    validate.path("job", git.url, field="git url")
-    if git.path:
-        normalized = posixpath.normpath(git.path)
-        if posixpath.isabs(git.path) or normalized == ".." or normalized.startswith("../"):
-            raise InvalidArgument(
-                f"job git path must be relative and stay inside the repository: {git.path!r}"
-            )
 
 
 def parse_expiry(text: str) -> timedelta | None:

@@ -31,13 +31,13 @@ import grpc
 from grpc import aio
 
 from waystation.client import Connection, reconnect_pause
+from waystation.core.wire import DAEMON_ID, DAEMON_PROVISIONER, DAEMON_TAG
 from waystation.errors import InvalidArgument
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.provisioner import archive
 from waystation.provisioner.base import Provisioner, Session
-from waystation.server.provisionerd import ID_KEY, PROVISIONER_KEY, TAG_KEY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,9 +84,9 @@ class DaemonSettings:
         return Connection(self.address, self.token, self.tls, self.tls_ca, self.tls_skip_verify)
 
     def metadata(self) -> list[tuple[str, str]]:
-        md = [(ID_KEY, self.daemon_id)]
-        md += [(PROVISIONER_KEY, p) for p in self.provisioners]
-        md += [(TAG_KEY, f"{k}={v}") for k, v in sorted(self.tags.items())]
+        md = [(DAEMON_ID, self.daemon_id)]
+        md += [(DAEMON_PROVISIONER, p) for p in self.provisioners]
+        md += [(DAEMON_TAG, f"{k}={v}") for k, v in sorted(self.tags.items())]
         return md
 
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from waystation.engine.validation import check_git
+from waystation import validate
 from waystation.errors import FailedPrecondition
 from waystation.protocol import vagrant_server_pb2 as vs
 
@@ -28,7 +28,7 @@ async def checkout(job: vs.Job, data_dir: Path) -> AsyncIterator[Path]:
     git.CopyFrom(job.data_source.git)
     if job.data_source_overrides.get("ref"):
         git.ref = job.data_source_overrides["ref"]
-    check_git(git)
+    validate.git_source(git)
     root = Path(tempfile.mkdtemp(prefix="waystation-git-"))
     try:
         await _git("clone", "--quiet", "--no-checkout", "--", git.url, str(root / "repo"))

@@ -17,6 +17,7 @@ import grpc
 from grpc import aio
 
 from waystation.auth.service import Authenticator
+from waystation.core.wire import API_PROTOCOL, AUTHORIZATION
 from waystation.errors import Unauthenticated
 from waystation.server.errors import log_refused
 from waystation.server.vagrant import API_VERSION
@@ -30,7 +31,6 @@ PUBLIC_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-PROTOCOL_HEADER = "client-api-protocol"
 
 
 if TYPE_CHECKING:
@@ -56,13 +56,13 @@ class Guard(_Interceptor):
             return handler
         method: str = details.method
         metadata = dict(details.invocation_metadata or ())
-        header = metadata.get(PROTOCOL_HEADER)
+        header = metadata.get(API_PROTOCOL)
         problem = protocol_problem(method, header if isinstance(header, str) else None)
         if problem:
             return refuse(handler, grpc.StatusCode.INVALID_ARGUMENT, problem, method)
         if not self.enabled or method in PUBLIC_METHODS or method.startswith(PUBLIC_PREFIXES):
             return handler
-        text = metadata.get("authorization", "")
+        text = metadata.get(AUTHORIZATION, "")
         if isinstance(text, bytes) or not text:
             return refuse(
                 handler,
@@ -98,10 +98,10 @@ def protocol_problem(method: str, header: str | None) -> str:
         return ""
     parts = header.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        return f'invalid {PROTOCOL_HEADER} header {header!r}: want "<minimum>,<current>"'
+        return f'invalid {API_PROTOCOL} header {header!r}: want "<minimum>,<current>"'
     minimum, current = (int(p) for p in parts)
     if minimum > current:
-        return f"invalid {PROTOCOL_HEADER} header {header!r}: minimum above current"
+        return f"invalid {API_PROTOCOL} header {header!r}: minimum above current"
     if current < API_VERSION.minimum or minimum > API_VERSION.current:
         return (
             f"incompatible client protocol {minimum}..{current}; this server speaks "
