@@ -1338,9 +1338,26 @@ async def server_on_a_fixed_port(
             await asyncio.to_thread(server.kill)
 
 
-@pytest.mark.parametrize("count", [30, 120], ids=["ends-while-away", "runs-on-after"])
+async def until_line(stub: vs_grpc.VagrantAsyncStub, job_id: str, line: str) -> None:
+    """Until the job's stdout has this line (read live from its stream)."""
+    call = stub.GetJobStream(vs.GetJobStreamRequest(job_id=job_id))
+    seen = ""
+    try:
+        async with asyncio.timeout(60):
+            async for event in call:
+                seen += stdout([event])
+                if f"{line}\n" in seen:
+                    return
+    finally:
+        call.cancel()
+    raise AssertionError(f"job {job_id} ended without {line!r}")
+
+
+@pytest.mark.parametrize(
+    ("count", "outages"), [(30, 1), (200, 2)], ids=["ends-while-away", "runs-on-twice"]
+)
 async def test_a_job_in_hand_carries_on_across_a_kill_9_of_the_server(
-    backend_url: str, tmp_path: Path, runner_dir: Path, count: int
+    backend_url: str, tmp_path: Path, runner_dir: Path, count: int, outages: int
 ) -> None:
     """The command keeps running while the server is away (it may end meanwhile);
     once the server is back the runner resumes the job: every line once, in order,
@@ -1352,9 +1369,13 @@ async def test_a_job_in_hand_carries_on_across_a_kill_9_of_the_server(
             async with stub_for(server.address) as stub:
                 job_id = await queue(stub, exec_job(script))
                 await first_output(stub, job_id)
-            await asyncio.to_thread(server.kill)
-            await asyncio.sleep(1.0)  # away a while: output piles up on the runner
-            assert await asyncio.to_thread(server.start) == server.address
+            for outage in range(outages):
+                if outage:  # the job runs on after the first: it goes on here meanwhile
+                    async with stub_for(server.address) as stub:
+                        await until_line(stub, job_id, f"line {count // 2}")
+                await asyncio.to_thread(server.kill)
+                await asyncio.sleep(1.0)  # away a while: output piles up on the runner
+                assert await asyncio.to_thread(server.start) == server.address
             async with stub_for(server.address) as stub:
                 watching = asyncio.ensure_future(t.watch(stub, job_id, timeout=90))
                 succeeded(await finished(stub, job_id, timeout=90))

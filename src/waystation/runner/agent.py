@@ -315,14 +315,16 @@ class JobRun:
     job: vs.Job
     channel: aio.Channel | None = None  # the session's, which it came on
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    # Every output event of the job, kept until it ends: which of them the server
-    # persisted is known only when a resume says so.
+    # The job's output events from `held` on, kept until it ends: which of them
+    # the server persisted is known only when a resume says so (then `held`).
     events: list[Terminal.Event] = field(default_factory=list)
-    written: int = 0  # events written to the current stream (or held by the server)
+    held: int = 0
+    written: int = 0  # events (from the job's first) written to the current stream
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
     _link: _Link = field(init=False)
     _linked: asyncio.Event = field(default_factory=asyncio.Event)  # _link is live
     _reporting: bool = False  # the outcome is out: the stream's end is expected
+    _outcome_sent: bool = False  # on some stream (the server may have it)
     _over: str = ""  # why nothing more is to be sent (forced, refused)
 
     async def run(self) -> None:
@@ -406,8 +408,8 @@ class JobRun:
 
     async def _write_pending(self, link: _Link) -> bool:
         """Every event not yet written on the link (call with the lock held)."""
-        while self.written < len(self.events):
-            chunk = _chunk(self.events, self.written)
+        while self.written < self.held + len(self.events):
+            chunk = _chunk(self.events, self.written - self.held)
             if not await self._write(link, Request(terminal=Terminal(events=chunk))):
                 return False
             self.written += len(chunk)
@@ -467,7 +469,10 @@ class JobRun:
                     refusal = f"{exc.code().name}: {exc.details()}"
                 except _Refused as exc:
                     refusal = str(exc)
-                log.error("job %s: the server will not resume it (%s)", self.job.id, refusal)
+                if self._outcome_sent:  # most likely it had the outcome: the job ended
+                    log.info("job %s: ended on the server (%s)", self.job.id, refusal)
+                else:
+                    log.error("job %s: the server will not resume it (%s)", self.job.id, refusal)
                 self._over = "the server refused to resume it"
                 work.cancel()
                 return
@@ -488,13 +493,15 @@ class JobRun:
             if response.WhichOneof("event") != "assignment" or held is None:
                 # A server without resume handed out work: not acked, it goes back.
                 raise _Refused("the server does not resume jobs")
-            if response.assignment.job.id != self.job.id or not 0 <= int(held) <= len(self.events):
-                raise _Refused(
-                    f"the server answered with job {response.assignment.job.id}, {held} events"
-                )
+            count = int(held)
+            answered = response.assignment.job.id
+            if answered != self.job.id or not self.held <= count <= self.held + len(self.events):
+                raise _Refused(f"the server answered with job {answered}, {count} events")
             link = _Link(call, channel)
             async with self._lock:  # the UI's sends wait: the re-sent output goes first
-                self.written = int(held)
+                # What the server holds is never needed again.
+                del self.events[: count - self.held]
+                self.held = self.written = count
                 self._attach(link, work)
                 await self._write_pending(link)
         except BaseException:
@@ -517,6 +524,7 @@ class JobRun:
                 self._reporting = await self._write_pending(link) and await self._write(
                     link, outcome
                 )
+                self._outcome_sent |= self._reporting
             if self._reporting:
                 try:
                     await link.call.done_writing()
