@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
-import logging
 import os
-import signal
-import socket
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated
@@ -560,7 +555,8 @@ def daemon(
     if ctx.invoked_subcommand is not None:
         return
     from waystation.provisioner.base import load
-    from waystation.provisioner.daemon import DaemonSettings, ProvisionerDaemon
+    from waystation.provisioner.daemon import DaemonSettings
+    from waystation.provisioner.run import default_daemon_id, run
 
     configure_logging(log_level)
     names = provisioners or ["echo"]
@@ -569,45 +565,21 @@ def daemon(
     except KeyError as exc:
         fail(str(exc.args[0]))
     c: Context = ctx.obj
-    if work_dir is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
     settings = DaemonSettings(
         address=c.address,
         token=c.connection.token,
         tls=c.connection.tls,
         tls_ca=c.connection.tls_ca,
         tls_skip_verify=c.connection.tls_skip_verify,
-        daemon_id=daemon_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        daemon_id=daemon_id or default_daemon_id(),
         provisioners=names,
         tags=parse_pairs(tags or [], "--tag"),
         work_dir=work_dir,
         cancel_grace=cancel_grace,
         max_jobs=max_jobs,
     )
-
-    async def main() -> None:
-        daemon = ProvisionerDaemon(settings, loaded)
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            daemon.stop(now=signals > 1)
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        logging.getLogger("waystation").info(
-            "provisioner daemon %s serving %s (provisioners: %s; tags: %s)",
-            settings.daemon_id,
-            settings.address,
-            ", ".join(names),
-            settings.tags or "none",
-        )
-        await daemon.run()
-
     with rpc_errors(c, "provisioner daemon"):
-        asyncio.run(main())
+        run(settings, loaded)
 
 
 @provisioner_app.command("list")

@@ -1,4 +1,4 @@
-"""`waystation provisioner`: a provisioner daemon speaking provisionerd.ProvisionerDaemon.
+"""A provisioner daemon speaking provisionerd.ProvisionerDaemon (run.py makes it a process).
 
 The loop: AcquireJobWithCancel (one job, or an empty answer when we cancel
 the wait), run the job with the provisioner it names, report CompleteJob or
@@ -8,7 +8,7 @@ after the first queued line, or at once at 100) and is the heartbeat (every
 provisioner gracefully, and after a grace period for good.
 
 The daemon's id, provisioner types and tags travel as gRPC metadata on every
-call (see waystation.server.provisionerd). Ownership of a job is by id, so
+call (keys in waystation.core.wire). Ownership of a job is by id, so
 after the server restarts or the network drops, the same daemon keeps
 reporting on its job: every report is retried while the server is away.
 """
