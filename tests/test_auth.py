@@ -32,15 +32,14 @@ from waystation import testing as t
 from waystation.auth import tokens
 from waystation.auth.service import KEY_CACHE_SECONDS
 from waystation.client import Connection
-from waystation.config import ServerSettings
-from waystation.engine.rules import now_us
+from waystation.core.settings import ServerSettings
+from waystation.core.timeouts import now_us
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.waystation.v1 import admin_pb2 as admin_pb
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer, start
-from waystation.store import auth as store_auth
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -155,7 +154,7 @@ def token_id(text: str) -> str:
 
 
 async def signing_key(server: RunningServer) -> tuple[str, bytes]:
-    return await server.store.db.write(store_auth.signing_key, now_us())
+    return await server.store.key_signing(now_us())
 
 
 async def key_of(server: RunningServer, key_id: str) -> bytes:
@@ -169,7 +168,7 @@ async def key_of(server: RunningServer, key_id: str) -> bytes:
         ).scalar_one()
         return key
 
-    return await server.store.db.read(read)
+    return await server.store._db.read(read)
 
 
 async def bases_and_jobs(vagrant: vs_grpc.VagrantAsyncStub) -> tuple[list[str], list[str]]:
@@ -203,7 +202,7 @@ async def test_every_private_method_needs_a_token(
     vagrant: vs_grpc.VagrantAsyncStub,
 ) -> None:
     before = await bases_and_jobs(vagrant)
-    keys_before = await server.store.db.read(store_auth.active_keys)
+    keys_before = await server.store.keys_active()
     # Requests that would change state if they got through.
     mutating: dict[str, Message] = {
         "UpsertBasis": vs.UpsertBasisRequest(basis=t.basis()),
@@ -246,8 +245,8 @@ async def test_every_private_method_needs_a_token(
 
     # Nothing changed: no basis, job, box, revocation or key.
     assert await bases_and_jobs(vagrant) == before
-    assert await server.store.db.read(store_auth.active_keys) == keys_before
-    assert not await server.store.db.read(store_auth.is_revoked, token_id(token))
+    assert await server.store.keys_active() == keys_before
+    assert not await server.store.token_is_revoked(token_id(token))
     assert (await vagrant.ListBoxes(Empty())).boxes == []
 
 
@@ -370,8 +369,8 @@ async def test_entrypoint_token_reaches_no_normal_method(server: RunningServer, 
 async def test_token_signed_by_a_retired_key(server: RunningServer, token: str) -> None:
     old_id, old_key = await signing_key(server)
     assert old_id == "k1"
-    assert await server.store.db.write(store_auth.keys_rotate, now_us()) == "k2"
-    await server.store.db.write(store_auth.keys_retire, "k1", now_us())
+    assert await server.store.key_rotate(now_us()) == "k2"
+    await server.store.key_retire("k1", now_us())
     # Signed with k1 after its retirement, e.g. by a stale replica or a stolen key.
     text = tokens.encode(tokens.login_token(), old_id, old_key)
     await poll_status(server.address, text, (UNAUTHENTICATED, tokens.UNKNOWN_KEY))
@@ -442,7 +441,7 @@ async def unbootstrap(server: RunningServer) -> None:
         conn.execute(sa.delete(server_flags))
         conn.execute(sa.delete(auth_keys))
 
-    await server.store.db.write(reset)
+    await server.store._db.write(reset)
 
 
 async def test_concurrent_bootstrap_on_two_replicas(
@@ -605,7 +604,7 @@ async def test_key_rotation_and_retirement(
     server: RunningServer, token: str, vagrant: vs_grpc.VagrantAsyncStub
 ) -> None:
     assert tokens.unverified(token)[1] == "k1"
-    assert await server.store.db.write(store_auth.keys_rotate, now_us()) == "k2"
+    assert await server.store.key_rotate(now_us()) == "k2"
     fresh = (await vagrant.GenerateLoginToken(Empty())).token
     assert tokens.unverified(fresh)[1] == "k2"
     invite = (await vagrant.GenerateInviteToken(vs.InviteTokenRequest(duration="1h"))).token
@@ -613,26 +612,26 @@ async def test_key_rotation_and_retirement(
     # Old tokens keep working; new ones work (at the latest once the key cache renews).
     await assert_works(server.address, token)
     await poll_status(server.address, fresh, (OK, ""))
-    keys = await server.store.db.read(store_auth.keys_list)
+    keys = await server.store.keys_list()
     assert [(k, retired) for k, _, retired in keys] == [("k1", None), ("k2", None)]
 
-    await server.store.db.write(store_auth.keys_retire, "k1", now_us())
+    await server.store.key_retire("k1", now_us())
     started = time.monotonic()
     await poll_status(server.address, token, (UNAUTHENTICATED, tokens.UNKNOWN_KEY))
     assert time.monotonic() - started < KEY_CACHE_SECONDS + 2
     await assert_works(server.address, fresh)
     # The only active key cannot be retired; an unknown one cannot either.
     with pytest.raises(Exception, match="only active key"):
-        await server.store.db.write(store_auth.keys_retire, "k2", now_us())
+        await server.store.key_retire("k2", now_us())
     with pytest.raises(Exception, match="no active key"):
-        await server.store.db.write(store_auth.keys_retire, "k1", now_us())
+        await server.store.key_retire("k1", now_us())
 
 
 async def test_token_minted_with_a_new_key_works_at_once(
     server: RunningServer, token: str, vagrant: vs_grpc.VagrantAsyncStub
 ) -> None:
     await vagrant.ListBasis(Empty())  # the key cache is now fresh
-    assert await server.store.db.write(store_auth.keys_rotate, now_us()) == "k2"
+    assert await server.store.key_rotate(now_us()) == "k2"
     fresh = (await vagrant.GenerateLoginToken(Empty())).token
     assert tokens.unverified(fresh)[1] == "k2"
     await assert_works(server.address, fresh)

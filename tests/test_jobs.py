@@ -18,7 +18,6 @@ from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin_pb
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer
-from waystation.store import jobs as job_tx
 
 FP = StatusCode.FAILED_PRECONDITION
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
@@ -522,7 +521,7 @@ async def test_a_watcher_that_looks_only_after_the_end_still_sees_the_canceling_
         await vagrant.CancelJob(vs.CancelJobRequest(job_id=job_id))
         await stream.fail("gave up", code=1)
         deadline = asyncio.get_running_loop().time() + 60
-        while (await engine.db.read(job_tx.job_get, job_id)).state != Job.ERROR:
+        while (await engine.store.job_get(job_id)).state != Job.ERROR:
             assert asyncio.get_running_loop().time() < deadline, "the job never ended"
             await asyncio.sleep(0.02)
         release.set()

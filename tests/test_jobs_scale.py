@@ -17,11 +17,12 @@ from typing import Any
 from grpc import aio
 
 from waystation import testing as t
+from waystation.engine.engine import JobEngine
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.server.app import RunningServer
-from waystation.store import jobs as job_tx
+from waystation.store import Store
 
 Job = vs.Job
 Req = vs.RunnerJobStreamRequest
@@ -293,21 +294,17 @@ async def test_idle_runners_cost_no_database_work_until_a_job_comes(
     runners = await start_runners(channel, 20, "idle")
     streams = [r.job_stream() for r in runners]
     assigns: list[str] = []
-    write = server.engine.db.write
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if fn in (job_tx.job_assign, job_tx.job_queue_and_hand):
-            assigns.append(fn.__name__)
-        return await write(fn, *args, **kwargs)
+    store = server.store
 
     try:
         for stream in streams:
             await stream.request()
         deadline = time.monotonic() + 60
-        while len(server.engine._waiters) < len(streams):  # each parked after one look
+        while _waiting(server.engine) < len(streams):  # each parked after one look
             assert time.monotonic() < deadline, "runners never parked"
             await asyncio.sleep(0.05)
-        server.engine.db.write = counting  # type: ignore[method-assign]
+        for verb in ("job_assign_for_runner", "job_queue_and_hand"):
+            _record(store, verb, assigns)
         await asyncio.sleep(server.engine.timeouts.poll * 6)
         assert assigns == []
         job_id = await queue(vagrant, t.noop_job())
@@ -319,7 +316,7 @@ async def test_idle_runners_cost_no_database_work_until_a_job_comes(
         # Handed to a waiting runner in the queue's own transaction; nobody else looked.
         assert assigns == ["job_queue_and_hand"], assigns
     finally:
-        server.engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         for stream in streams:
             stream.call.cancel()
         await close_runners(runners)
@@ -334,26 +331,26 @@ async def test_a_job_handed_to_a_runner_that_just_left_goes_back_to_the_queue(
     leaving, staying = await start_runners(channel, 2, "hand")
     engine = server.engine
     stream = leaving.job_stream()
-    write = engine.db.write
+    store = server.store
+    queue_and_hand = store.job_queue_and_hand
     try:
         await stream.request()
         deadline = time.monotonic() + 60
-        while not engine._waiters:
+        while not _waiting(engine):
             assert time.monotonic() < deadline, "runner never parked"
             await asyncio.sleep(0.05)
 
-        async def leave_first(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            if fn is job_tx.job_queue_and_hand:
-                stream.call.cancel()
-                gone_by = time.monotonic() + 60
-                while engine._waiters:  # its next_job has given up
-                    assert time.monotonic() < gone_by, "the stream never went away"
-                    await asyncio.sleep(0.01)
-            return await write(fn, *args, **kwargs)
+        async def leave_first(*args: Any) -> Any:
+            stream.call.cancel()
+            gone_by = time.monotonic() + 60
+            while _waiting(engine):  # its next_job has given up
+                assert time.monotonic() < gone_by, "the stream never went away"
+                await asyncio.sleep(0.01)
+            return await queue_and_hand(*args)
 
-        engine.db.write = leave_first  # type: ignore[method-assign]
+        setattr(store, "job_queue_and_hand", leave_first)  # noqa: B010 (the seam)
         job_id = await queue(vagrant, t.noop_job())
-        engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         next_stream = staying.job_stream()
         taken = await next_stream.take(timeout=60)
         assert taken.id == job_id
@@ -361,7 +358,7 @@ async def test_a_job_handed_to_a_runner_that_just_left_goes_back_to_the_queue(
         assert shown.assigned_runner.id == staying.runner.id
         await next_stream.complete()
     finally:
-        engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         await close_runners([leaving, staying])
 
 
@@ -373,22 +370,23 @@ async def test_a_job_is_handed_at_queueing_only_to_a_runner_that_is_not_looking(
     queue-and-hand and a nack wasted, and the newer job run first). It is woken
     instead, and takes the oldest job."""
     (runner,) = await start_runners(channel, 1, "looking")
-    engine = server.engine
-    write = engine.db.write
+    store = server.store
+    assign = store.job_assign_for_runner
     writes: list[str] = []
     looking, release = asyncio.Event(), asyncio.Event()
 
-    async def hold_the_look(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        writes.append(fn.__name__)
-        if fn is job_tx.job_assign:
-            looking.set()
-            await release.wait()
-        return await write(fn, *args, **kwargs)
+    async def hold_the_look(*args: Any) -> Any:
+        writes.append("job_assign")
+        looking.set()
+        await release.wait()
+        return await assign(*args)
 
     stream = runner.job_stream()
     try:
         first = await queue(vagrant, t.noop_job())
-        engine.db.write = hold_the_look  # type: ignore[method-assign]
+        for verb in ("job_queue_and_hand", "job_nack"):
+            _record(store, verb, writes)
+        setattr(store, "job_assign_for_runner", hold_the_look)  # noqa: B010 (the seam)
         await stream.request()
         await asyncio.wait_for(looking.wait(), 60)
         second = await queue(vagrant, t.noop_job())
@@ -402,7 +400,7 @@ async def test_a_job_is_handed_at_queueing_only_to_a_runner_that_is_not_looking(
         shown = await vagrant.GetJob(vs.GetJobRequest(job_id=second))
         assert shown.state == Job.QUEUED
     finally:
-        engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         stream.call.cancel()
         await close_runners([runner])
 
@@ -415,31 +413,48 @@ async def test_a_runner_with_nothing_to_do_parks_without_a_write_transaction(
     they are not (PostgreSQL), the assign transaction is the look."""
     runners = await start_runners(channel, 2, "look")
     writes: list[str] = []
-    write = server.engine.db.write
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        writes.append(fn.__name__)
-        return await write(fn, *args, **kwargs)
-
-    server.engine.db.write = counting  # type: ignore[method-assign]
+    store = server.store
+    _record(store, "job_assign_for_runner", writes)
     streams = [r.job_stream() for r in runners]
     try:
         await streams[0].request()
         deadline = time.monotonic() + 60
-        while len(server.engine._waiters) < 1:
+        while _waiting(server.engine) < 1:
             assert time.monotonic() < deadline, "runner never parked"
             await asyncio.sleep(0.05)
-        looks = writes.count("job_assign")
-        assert looks == (0 if server.engine.db.reads_inline else 1), writes
+        looks = writes.count("job_assign_for_runner")
+        assert looks == (0 if store.reads_inline else 1), writes
         # Work queued before a runner asks is still found by its look.
-        server.engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         first = await queue(vagrant, t.noop_job())
         assert (await streams[0].assignment(timeout=60)).id == first
         second = await queue(vagrant, t.noop_job())
         await streams[1].request()
         assert (await streams[1].assignment(timeout=60)).id == second
     finally:
-        server.engine.db.write = write  # type: ignore[method-assign]
+        _unrecord(store)
         for stream in streams:
             stream.call.cancel()
         await close_runners(runners)
+
+
+def _waiting(engine: JobEngine) -> int:
+    """Runner streams parked in next_job on this server."""
+    return engine.occupancy()[0]
+
+
+def _record(store: Store, verb: str, names: list[str]) -> None:
+    """Note each call of a store verb (the seam: the instance's attribute shadows the method)."""
+    real = getattr(store, verb)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        names.append(verb)
+        return real(*args, **kwargs)
+
+    setattr(store, verb, recorded)
+
+
+def _unrecord(store: Store) -> None:
+    """Every verb back to the store's own."""
+    for name in [n for n in vars(store) if hasattr(type(store), n)]:
+        delattr(store, name)

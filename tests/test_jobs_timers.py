@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import StatusCode, aio
 
 from waystation import testing as t
-from waystation.engine.rules import Timeouts
+from waystation.core.timeouts import Timeouts
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.app import RunningServer
 from waystation.store import schema
@@ -530,11 +530,11 @@ async def test_a_connected_runner_stays_online_past_its_first_lease(
     """Leases are renewed (every quarter lease, not on every poll) before they run out."""
     fake = await runner(channel, "leased")
     try:
-        first = await server.engine.db.read(_online_until, "leased")
+        first = await server.store._db.read(_online_until, "leased")
         assert first is not None
         # Two leases after the first one ends, it must have been renewed since.
         await asyncio.sleep(max(0.0, (first - time.time_ns() // 1000) / 1e6 + 2 * LEASE))
-        until = await server.engine.db.read(_online_until, "leased")
+        until = await server.store._db.read(_online_until, "leased")
         assert until is not None and until > time.time_ns() // 1000
     finally:
         await fake.close()

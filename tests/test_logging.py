@@ -31,15 +31,14 @@ from waystation import logs
 from waystation import testing as t
 from waystation.auth import tokens
 from waystation.auth.service import Authenticator
-from waystation.config import sqlite_url
-from waystation.engine.rules import Timeouts, now_us
+from waystation.core.settings import sqlite_url
+from waystation.core.timeouts import Timeouts, now_us
 from waystation.logs import JsonFormatter, RateLimitedLog, limited
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin_pb
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.server.app import RunningServer
-from waystation.store import auth as store_auth
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -313,12 +312,12 @@ async def test_key_rotation_and_retirement_are_logged(
     server: RunningServer, token: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    authenticator = Authenticator(server.store.db)  # as every replica's guard sees the keys
+    authenticator = Authenticator(server.store)  # as every replica's guard sees the keys
     await authenticator._active_keys(fresh=True)
     assert not caplog.records  # the first look is no change
-    assert await server.store.db.write(store_auth.keys_rotate, now_us()) == "k2"
+    assert await server.store.key_rotate(now_us()) == "k2"
     await authenticator._active_keys(fresh=True)
-    await server.store.db.write(store_auth.keys_retire, "k1", now_us())
+    await server.store.key_retire("k1", now_us())
     await authenticator._active_keys(fresh=True)
     keyed = [(r.getMessage(), r.__dict__["key_id"]) for r in caplog.records]
     assert keyed == [("signing key k2 is active", "k2"), ("signing key k1 was retired", "k1")]

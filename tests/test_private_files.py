@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from waystation import testing as t
-from waystation.config import ServerSettings
+from waystation.core.settings import ServerSettings
 from waystation.server.app import start
 
 
@@ -50,7 +50,7 @@ async def test_the_data_dir_and_the_database_files_are_private(tmp_path: Path) -
     with umask(0):
         running = await start(ServerSettings(listen="127.0.0.1:0", data_dir=data))
         try:
-            await running.store.db.write(lambda conn: None)  # the WAL exists once written
+            await running.store._db.write(lambda conn: None)  # the WAL exists once written
             files = {p.name: mode(p) for p in data.iterdir()}  # SQLite removes -wal at close
         finally:
             await running.stop(1)

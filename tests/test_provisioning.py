@@ -14,7 +14,7 @@ from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server.app import RunningServer
-from waystation.store import provisioning as prov_tx
+from waystation.store import workspaces as workspace_tx
 from waystation.testing import (
     echo_template,
     expect_status,
@@ -210,9 +210,9 @@ async def test_listing_workspaces_takes_the_same_queries_for_two_or_twenty(
         def count(*args: object, seen: list[str] = statements) -> None:
             seen.append(str(args[2]))
 
-        with server.store.db._read_engine.connect() as conn:
+        with server.store._db._read_engine.connect() as conn:
             sa.event.listen(conn, "before_cursor_execute", count)
-            again = prov_tx.workspace_list(conn, owner, False)
+            again = workspace_tx.workspace_list(conn, owner, False)
         assert [w.id for w in again] == [w.id for w in listed.workspaces]
         queries.append(len(statements))
     assert queries[0] == queries[1], queries

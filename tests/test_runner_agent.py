@@ -29,7 +29,7 @@ from grpc import aio
 
 from waystation import testing as t
 from waystation.client import reconnect_pause
-from waystation.engine.rules import Timeouts, now_us
+from waystation.core.timeouts import Timeouts, now_us
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -48,7 +48,6 @@ from waystation.runner.plugins import (
 )
 from waystation.server.app import RunningServer
 from waystation.store import Store
-from waystation.store import jobs as job_tx
 
 Job = vs.Job
 Event = vs.GetJobStreamResponse.Terminal.Event
@@ -1404,7 +1403,7 @@ async def test_a_refused_resume_stops_the_command_and_reports_nothing(
         store = await asyncio.to_thread(Store.open, backend_url)
         try:
             for _ in range(2):  # the second cancel forces it
-                await store.db.write(job_tx.job_cancel, job_id, now_us())
+                await store.job_cancel(job_id, now_us())
         finally:
             await store.close()
         assert await asyncio.to_thread(server.start) == server.address

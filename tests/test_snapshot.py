@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from waystation import testing as t
 from waystation.client import Connection
-from waystation.config import ServerSettings, sqlite_url
+from waystation.core.settings import ServerSettings, sqlite_url
 from waystation.errors import InvalidArgument
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
@@ -349,7 +349,7 @@ def test_cli_snapshot_create_and_restore_with_exit(
 def test_any_damage_to_a_snapshot_is_invalid_argument_and_nothing_else(tmp_path: Path) -> None:
     """Truncations, flipped bytes and random data: verify_file answers InvalidArgument
     (what the RPC turns into INVALID_ARGUMENT), never another error."""
-    db = Store.open(sqlite_url(tmp_path / "fuzz.db")).db
+    db = Store.open(sqlite_url(tmp_path / "fuzz.db"))._db
     try:
         db.run_sync(
             lambda conn: conn.execute(schema.server_flags.insert(), {"name": "x", "set_at": 1})

@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
-from waystation.config import sqlite_url
+from waystation.core.settings import sqlite_url
 from waystation.errors import AlreadyExists, WaystationError
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
@@ -44,13 +44,13 @@ async def test_a_failing_transaction_rolls_back_alone_within_a_group(backend_url
     store = await asyncio.to_thread(Store.open, backend_url)
     try:
         results = await asyncio.gather(
-            *(store.db.write(_insert, f"b{i}", i % 5 == 0) for i in range(60)),
+            *(store._db.write(_insert, f"b{i}", i % 5 == 0) for i in range(60)),
             return_exceptions=True,
         )
         failed = {f"b{i}" for i in range(60) if i % 5 == 0}
         assert all(isinstance(results[i], AlreadyExists) for i in range(0, 60, 5))
         assert {r for r in results if isinstance(r, str)} == {f"b{i}" for i in range(60)} - failed
-        assert await store.db.read(_names) == {f"b{i}" for i in range(60)} - failed
+        assert await store._db.read(_names) == {f"b{i}" for i in range(60)} - failed
     finally:
         await store.close()
 
@@ -67,22 +67,22 @@ async def test_a_database_error_reaches_the_caller_and_the_writer_survives(
         with pytest.raises(
             sa.exc.ProgrammingError if "postgres" in backend_url else sa.exc.OperationalError
         ):
-            await store.db.write(_boom)
-        assert await store.db.write(_insert, "after", False) == "after"
-        assert not isinstance(await store.db.read(_names), WaystationError)
+            await store._db.write(_boom)
+        assert await store._db.write(_insert, "after", False) == "after"
+        assert not isinstance(await store._db.read(_names), WaystationError)
     finally:
         await store.close()
 
 
 async def test_close_finishes_queued_writes(backend_url: str) -> None:
     store = await asyncio.to_thread(Store.open, backend_url)
-    pending = [asyncio.ensure_future(store.db.write(_insert, f"c{i}", False)) for i in range(30)]
+    pending = [asyncio.ensure_future(store._db.write(_insert, f"c{i}", False)) for i in range(30)]
     await asyncio.sleep(0)
     await store.close()
     assert [await p for p in pending] == [f"c{i}" for i in range(30)]
     reopened = await asyncio.to_thread(Store.open, backend_url)
     try:
-        assert await reopened.db.read(_names) == {f"c{i}" for i in range(30)}
+        assert await reopened._db.read(_names) == {f"c{i}" for i in range(30)}
     finally:
         await reopened.close()
 
@@ -101,17 +101,17 @@ async def test_sqlite_statements_run_on_the_event_loop_and_bulk_writes_off_it(
     try:
         loop_thread = threading.current_thread()
         on_loop = backend_url.startswith("sqlite")
-        assert (await store.db.write(_thread) is loop_thread) == on_loop
-        assert await store.db.write_bulk(_thread) is not loop_thread
+        assert (await store._db.write(_thread) is loop_thread) == on_loop
+        assert await store._db.write_bulk(_thread) is not loop_thread
         # Interleaved, every write still lands, in order.
         results = await asyncio.gather(
             *(
-                (store.db.write_bulk if i % 3 == 0 else store.db.write)(_insert, f"m{i}", False)
+                (store._db.write_bulk if i % 3 == 0 else store._db.write)(_insert, f"m{i}", False)
                 for i in range(30)
             )
         )
         assert results == [f"m{i}" for i in range(30)]
-        assert await store.db.read(_names) == set(results)
+        assert await store._db.read(_names) == set(results)
     finally:
         await store.close()
 
@@ -124,15 +124,15 @@ async def test_a_sqlite_write_waits_for_another_process_lock_without_stalling_th
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         other.execute("BEGIN IMMEDIATE")  # as another process writing would
-        pending = asyncio.ensure_future(store.db.write(_insert, "late", False))
+        pending = asyncio.ensure_future(store._db.write(_insert, "late", False))
         for _ in range(5):  # the loop goes on serving while the write waits
             await asyncio.sleep(0.05)
-            assert await store.db.read(_names) == set()
+            assert await store._db.read(_names) == set()
         assert not pending.done()
         other.execute("COMMIT")
         assert await asyncio.wait_for(pending, 60) == "late"
-        assert await store.db.write(_insert, "next", False) == "next"
-        assert await store.db.read(_names) == {"late", "next"}
+        assert await store._db.write(_insert, "next", False) == "next"
+        assert await store._db.read(_names) == {"late", "next"}
     finally:
         other.close()
         await store.close()
@@ -154,15 +154,15 @@ async def test_a_failed_sqlite_group_commit_runs_each_transaction_again_alone(
     store = await asyncio.to_thread(Store.open, sqlite_url(tmp_path / "w.db"))
     try:
         results = await asyncio.gather(
-            store.db.write(_insert, "before", False),
-            store.db.write(_orphan),
-            store.db.write(_insert, "after", False),
+            store._db.write(_insert, "before", False),
+            store._db.write(_orphan),
+            store._db.write(_insert, "after", False),
             return_exceptions=True,
         )
         assert results[0] == "before" and results[2] == "after"
         assert isinstance(results[1], sa.exc.IntegrityError)
-        assert await store.db.read(_names) == {"before", "after"}
-        assert await store.db.write(_insert, "again", False) == "again"
+        assert await store._db.read(_names) == {"before", "after"}
+        assert await store._db.write(_insert, "again", False) == "again"
     finally:
         await store.close()
 
@@ -179,7 +179,7 @@ def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> 
             command.upgrade(alembic_config(conn), "head")
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
-        store.db.run_sync(check)
+        store._db.run_sync(check)
     finally:
         asyncio.run(store.close())
 
@@ -232,7 +232,7 @@ def test_upgrade_gives_held_jobs_the_id_their_runner_registered(backend_url: str
             ]
             assert job_tx.job_get(conn, "held").assigned_runner.id == "WSCheck-Runner-1"
 
-        store.db.run_sync(check)
+        store._db.run_sync(check)
     finally:
         asyncio.run(store.close())
 
@@ -263,17 +263,17 @@ async def test_prepared_statements_raise_sqlalchemy_errors_and_roll_back_alone(
     store = await asyncio.to_thread(Store.open, backend_url)
     try:
         results = await asyncio.gather(
-            store.db.write(lambda conn: _PUT.run(conn, name="kept", path="/k") and None),
-            store.db.write(_put_twice_in_savepoint, "dup"),
-            store.db.write(lambda conn: _PUT.run(conn, name="after", path="/a") and None),
+            store._db.write(lambda conn: _PUT.run(conn, name="kept", path="/k") and None),
+            store._db.write(_put_twice_in_savepoint, "dup"),
+            store._db.write(lambda conn: _PUT.run(conn, name="after", path="/a") and None),
             return_exceptions=True,
         )
         assert results[0] is None and results[2] is None, results
         assert isinstance(results[1], sa.exc.IntegrityError), results[1]
-        assert await store.db.read(_names) == {"kept", "after"}
+        assert await store._db.read(_names) == {"kept", "after"}
         # Values written into the statement (data) travel with the caller's.
-        assert await store.db.read(lambda conn: _DATA.one(conn, name="kept")) == (b"fixed",)
-        assert await store.db.read(lambda conn: _DATA.one(conn, name="gone")) is None
+        assert await store._db.read(lambda conn: _DATA.one(conn, name="kept")) == (b"fixed",)
+        assert await store._db.read(lambda conn: _DATA.one(conn, name="gone")) is None
     finally:
         await store.close()
 
@@ -285,7 +285,7 @@ async def test_prepared_statements_refuse_in_lists_that_expand_at_execution(
     store = await asyncio.to_thread(Store.open, backend_url)
     try:
         with pytest.raises(ValueError, match="IN"):
-            await store.db.read(lambda conn: expanding.all(conn))
+            await store._db.read(lambda conn: expanding.all(conn))
     finally:
         await store.close()
 
@@ -308,9 +308,9 @@ async def test_renewing_more_runners_than_one_statement_may_name(backend_url: st
     store = await asyncio.to_thread(Store.open, backend_url)
     try:
         count = 66_000
-        await store.db.write(_register_many, count)
+        await store._db.write(_register_many, count)
         ids = [f"R-{i}" for i in range(count)]  # any case: ids match ignoring it
-        await store.db.write(runner_tx.runners_renew, ids, 1000, 60)
-        assert await store.db.read(_leases) == [1060] * count
+        await store._db.write(runner_tx.runners_renew, ids, 1000, 60)
+        assert await store._db.read(_leases) == [1060] * count
     finally:
         await store.close()

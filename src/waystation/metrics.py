@@ -38,7 +38,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, RestrictedRegistry
 
 import waystation
-from waystation.store import jobs as job_tx
 
 if TYPE_CHECKING:
     from waystation.engine.engine import JobEngine
@@ -135,7 +134,7 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[Any]:
         jobs, runners, connected, daemons = self._families()
         try:
-            read = self.engine.db.read(job_tx.jobs_count_by_state)
+            read = self.engine.store.jobs_count_by_state()
             counts = asyncio.run_coroutine_threadsafe(read, self.loop).result(SCRAPE_TIMEOUT)
         except Exception as exc:  # an outage or shutdown: the scrape still answers
             log.warning("metrics: could not count jobs: %s", exc)

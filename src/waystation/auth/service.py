@@ -12,11 +12,10 @@ from typing import Any
 from grpc import aio
 
 from waystation.auth import tokens
-from waystation.engine.rules import now_us
+from waystation.core.timeouts import now_us
 from waystation.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from waystation.protocol import vagrant_server_pb2 as vs
-from waystation.store.auth import active_keys, bootstrap, is_revoked, revoke, signing_key
-from waystation.store.database import Database
+from waystation.store import Store
 
 # Active keys are cached this long: a key retired elsewhere stops working
 # within it. Revocations are looked up on every call, so they act at once.
@@ -30,13 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Authenticator:
-    db: Database
+    store: Store
     _keys: dict[str, bytes] = field(default_factory=dict)
     _keys_at: float = NEVER
 
     async def _active_keys(self, *, fresh: bool = False) -> dict[str, bytes]:
         if fresh or time.monotonic() - self._keys_at > KEY_CACHE_SECONDS:
-            keys = await self.db.read(active_keys)
+            keys = await self.store.keys_active()
             if self._keys_at != NEVER:  # a rotation or retirement, here or on another replica
                 for key_id in keys.keys() - self._keys.keys():
                     log.info("signing key %s is active", key_id, extra={"key_id": key_id})
@@ -63,7 +62,7 @@ class Authenticator:
 
     async def _not_revoked(self, token: vs.Token) -> None:
         # Looked up on every call, not cached: a revocation acts at once everywhere.
-        revoked: bool = await self.db.read(is_revoked, token.token_id.hex())
+        revoked: bool = await self.store.token_is_revoked(token.token_id.hex())
         if revoked:
             raise Unauthenticated("invalid authentication token: token has been revoked")
 
@@ -74,11 +73,11 @@ class Authenticator:
         how: str = "login",
         **fields: str,
     ) -> str:
-        key_id, key = await self.db.write(signing_key, now_us())
+        key_id, key = await self.store.key_signing(now_us())
         return _minted(token, key_id, key, metadata, how, **fields)
 
     async def bootstrap(self) -> str:
-        key = await self.db.write(bootstrap, now_us())
+        key = await self.store.token_bootstrap(now_us())
         if key is None:
             raise PermissionDenied("server is already bootstrapped")
         return _minted(tokens.login_token(), *key, None, "bootstrap")
@@ -107,7 +106,7 @@ class Authenticator:
 
     async def revoke(self, token_id_hex: str) -> bool:
         token_id = token_id_hex.lower()
-        revoked: bool = await self.db.write(revoke, token_id, now_us())
+        revoked: bool = await self.store.token_revoke(token_id, now_us())
         if revoked:
             log.info("revoked token %s", token_id, extra={"token_id": token_id})
         else:

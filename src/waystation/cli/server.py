@@ -10,16 +10,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.text import Text
 
 from waystation.cli.output import configure_logging, err, print_table
 from waystation.cli.server_config import ConfigError, Setting, resolve, shown
-from waystation.config import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
+from waystation.core.settings import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
+from waystation.core.timeouts import Timeouts, now_us
 from waystation.durations import DurationError, parse_go_duration
-from waystation.engine.rules import Timeouts, now_us
 from waystation.logs import LOG_FORMATS
 
 app = typer.Typer(help="Run the waystation server.", no_args_is_help=True)
@@ -299,13 +299,16 @@ def _redact(url: str) -> str:
 keys_app = typer.Typer(help="Token signing keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
+T = TypeVar("T")
+
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", envvar="WAYSTATION_DATA_DIR", show_default=False)
 ]
 Db = Annotated[str, typer.Option("--db", envvar="WAYSTATION_DB", show_default=False)]
 
 
-def _store_write(data_dir: Path | None, db: str, fn: Any, *args: Any) -> Any:
+def _store_write(data_dir: Path | None, db: str, verb: Callable[[Any], T]) -> T:
+    """Run one blocking store verb on the database `server run` would use."""
     import sqlalchemy as sa
 
     from waystation.store import Store
@@ -324,7 +327,7 @@ def _store_write(data_dir: Path | None, db: str, fn: Any, *args: Any) -> Any:
         err.print(Text.assemble(("error:", "red"), " ", message))
         raise typer.Exit(1) from None
     try:
-        return store.db.run_sync(lambda conn: fn(conn, *args))
+        return verb(store)
     finally:
         asyncio.run(store.close())
 
@@ -332,9 +335,7 @@ def _store_write(data_dir: Path | None, db: str, fn: Any, *args: Any) -> Any:
 @keys_app.command("rotate")
 def keys_rotate(data_dir: DataDir = None, db: Db = "") -> None:
     """Add a signing key; tokens signed by older keys keep working until retired."""
-    from waystation.store import auth
-
-    key_id = _store_write(data_dir, db, auth.keys_rotate, now_us())
+    key_id = _store_write(data_dir, db, lambda store: store.key_rotate_now(now_us()))
     typer.echo(f"new signing key {key_id}")
 
 
@@ -342,10 +343,9 @@ def keys_rotate(data_dir: DataDir = None, db: Db = "") -> None:
 def keys_retire(key_id: str, data_dir: DataDir = None, db: Db = "") -> None:
     """Retire a key: tokens it signed stop working (within seconds on every server)."""
     from waystation.errors import WaystationError
-    from waystation.store import auth
 
     try:
-        _store_write(data_dir, db, auth.keys_retire, key_id, now_us())
+        _store_write(data_dir, db, lambda store: store.key_retire_now(key_id, now_us()))
     except WaystationError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None
@@ -360,9 +360,8 @@ def keys_list(
 ) -> None:
     """List signing keys."""
     from waystation.cli.output import print_data, rfc3339
-    from waystation.store import auth
 
-    found = _store_write(data_dir, db, auth.keys_list)
+    found = _store_write(data_dir, db, lambda store: store.keys_list_now())
     if as_json:
         return print_data(
             [

@@ -11,7 +11,7 @@ waystation.store.jobs); this module decides *when* to ask it:
   interval one query finds work queued (or freed) by other replicas and
   wakes fitting waiters; waiters never poll on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
-  (store.provisioning) share the jobs table, states, cancel and timers.
+  (store.provisioner_jobs) share the jobs table, states, cancel and timers.
 - Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
   sleeps until the earliest and fires whatever is due, after a restart too.
 - Watching: the Feed wakes followers of a job; OutputLogs share output.
@@ -29,18 +29,19 @@ from typing import Any
 
 from google.rpc import status_pb2
 
+from waystation.core.states import SERIALIZED_OPERATIONS
+from waystation.core.timeouts import Timeouts, now_us, to_us
 from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
 from waystation.engine.output import OutputLog, OutputWriter, Terminal
-from waystation.engine.rules import SERIALIZED_OPERATIONS, Timeouts, now_us, to_us
 from waystation.errors import FailedPrecondition, Unavailable
 from waystation.metrics import Metrics
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
+from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import Store
 from waystation.store import jobs as job_tx
-from waystation.store import provisioning as prov_tx
-from waystation.store import runners as runner_tx
-from waystation.store.provisioning import Daemon, Queued
+from waystation.store import provisioner_queue as pq
+from waystation.store.provisioner_queue import Daemon, Queued
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ class DaemonWaiter:
 class JobEngine:
     def __init__(self, store: Store, timeouts: Timeouts | None = None) -> None:
         self.store = store
-        self.db = store.db
         self.timeouts = timeouts or Timeouts()
         self.feed = Feed()
         self._waiters: list[Waiter] = []
@@ -133,12 +133,11 @@ class JobEngine:
         waiter = self._idle_waiter(runner, sleeping_only=True)
         handed: vs.Job | None = None
         if waiter is None:
-            job_id = await self.db.write(job_tx.job_queue, job, now_us(), expiry)
+            job_id = await self.store.job_queue(job, now_us(), expiry)
         else:
             waiter.reserved = True
             try:
-                job_id, handed = await self.db.write(
-                    job_tx.job_queue_and_hand,
+                job_id, handed = await self.store.job_queue_and_hand(
                     job,
                     now_us(),
                     expiry,
@@ -165,7 +164,7 @@ class JobEngine:
             self._spawn(self.nack(job, waiter.runner_id))
 
     async def cancel(self, job_id: str, kind: str = job_tx.VAGRANT) -> job_tx.CancelOutcome:
-        outcome = await self.db.write(job_tx.job_cancel, job_id, now_us(), kind)
+        outcome = await self.store.job_cancel(job_id, now_us(), kind)
         if outcome is not job_tx.CancelOutcome.NOTHING:
             self.feed.publish(job_topic(job_id))
         if outcome is job_tx.CancelOutcome.FORCED:
@@ -173,23 +172,23 @@ class JobEngine:
         return outcome
 
     async def get(self, job_id: str) -> vs.Job:
-        return await self.db.read(job_tx.job_get, job_id)
+        return await self.store.job_get(job_id)
 
     async def list(self) -> list[vs.Job]:
-        return await self.db.read_bulk(job_tx.job_list)
+        return await self.store.job_list()
 
     async def prune(self, keep: int) -> int:
-        return await self.db.write_bulk(job_tx.jobs_prune, keep)
+        return await self.store.jobs_prune(keep)
 
     async def assignable(self, job: vs.Job) -> bool:
         runner = job.target_runner.id.id if job.target_runner.HasField("id") else None
-        return await self.db.read(runner_tx.runner_assignable, runner, now_us())
+        return await self.store.runner_assignable(runner, now_us())
 
     # -- runners -------------------------------------------------------------
 
     async def runner_connected(self, runner: vs.Runner) -> None:
         lease = to_us(self.timeouts.runner_lease)
-        await self.db.write(runner_tx.runner_register, runner, now_us(), lease)
+        await self.store.runner_register(runner, now_us(), lease)
         rid = runner.id.lower()
         self._connected[rid] = self._connected.get(rid, 0) + 1
 
@@ -201,7 +200,7 @@ class JobEngine:
         if self._connected[rid] <= 0:
             del self._connected[rid]
             if not self._stopped:  # else the store is closing; the lease runs out instead
-                self._spawn(self.db.write(runner_tx.runner_offline, rid, now_us()))
+                self._spawn(self.store.runner_offline(rid, now_us()))
 
     async def config_changed(self) -> None:
         self.feed.publish(CONFIG_TOPIC)
@@ -227,16 +226,15 @@ class JobEngine:
                     self._assigned(job_tx.VAGRANT, handed.queue_time.ToMicroseconds())
                     return handed
                 waiter.wake.clear()  # before looking, so no wake-up is lost
-                if self.db.reads_inline and not await self.db.read(
-                    job_tx.jobs_assignable_exist, waiter.runner_id, waiter.by_id_only
+                if self.store.reads_inline and not await self.store.job_assignable_exists(
+                    waiter.runner_id, waiter.by_id_only
                 ):
                     # Nothing to take: park without a write. (Where reads are
                     # not this cheap, the assign transaction is the look.)
                     await _sleep(waiter)
                     continue
                 assigning = asyncio.ensure_future(
-                    self.db.write(
-                        job_tx.job_assign,
+                    self.store.job_assign_for_runner(
                         waiter.registered_id,
                         waiter.by_id_only,
                         now_us(),
@@ -288,9 +286,7 @@ class JobEngine:
         """WAITING -> RUNNING, if `job` (as assigned) is still this runner's."""
         assigned_at = job.assign_time.ToMicroseconds()
         heartbeat = to_us(self.timeouts.heartbeat)
-        acked = await self.db.write(
-            job_tx.job_ack, job.id, runner_id, assigned_at, now_us(), heartbeat
-        )
+        acked = await self.store.job_ack(job.id, runner_id, assigned_at, now_us(), heartbeat)
         self._arm(self.timeouts.heartbeat)
         self.feed.publish(job_topic(job.id))
         return acked
@@ -301,7 +297,7 @@ class JobEngine:
         if self._draining:
             raise Unavailable("the server is shutting down; resume on another")
         heartbeat = to_us(self.timeouts.heartbeat)
-        job = await self.db.write(job_tx.job_resume, job_id, runner_id, now_us(), heartbeat)
+        job = await self.store.job_resume(job_id, runner_id, now_us(), heartbeat)
         self._arm(self.timeouts.heartbeat)
         return job
 
@@ -327,14 +323,14 @@ class JobEngine:
 
     async def nack(self, job: vs.Job, runner_id: str) -> None:
         assigned_at = job.assign_time.ToMicroseconds()
-        if await self.db.write(job_tx.job_nack, job.id, runner_id, assigned_at):
+        if await self.store.job_nack(job.id, runner_id, assigned_at):
             self.feed.publish(job_topic(job.id))
             self._wake_for(None)
             self._wake_from_db_soon()
 
     async def heartbeat(self, job_id: str, runner_id: str) -> bool:
-        return await self.db.write(
-            job_tx.job_heartbeat, job_id, runner_id, now_us(), to_us(self.timeouts.heartbeat)
+        return await self.store.job_heartbeat(
+            job_id, runner_id, now_us(), to_us(self.timeouts.heartbeat)
         )
 
     async def complete(
@@ -344,7 +340,7 @@ class JobEngine:
         result: vs.Job.Result | None = None,
         error: status_pb2.Status | None = None,
     ) -> vs.Job:
-        job = await self.db.write(job_tx.job_complete, job_id, runner_id, now_us(), result, error)
+        job = await self.store.job_complete(job_id, runner_id, now_us(), result, error)
         self.feed.publish(job_topic(job_id))
         if job.WhichOneof("operation") in SERIALIZED_OPERATIONS:
             self._wake_from_db_soon()  # jobs blocked on its scope may go now
@@ -352,7 +348,40 @@ class JobEngine:
 
     # -- provisioner daemons ---------------------------------------------------
 
-    def provisioner_queued(self, queued: Queued) -> None:
+    # Queueing a provisioner job: the store verb, then the wake-up of a daemon
+    # that fits it, here (one forgotten wake-up would leave the job to the poll).
+
+    async def template_push(
+        self, request: pv.PushTemplateRequest, archive_hash: str
+    ) -> tuple[pv.Template, pv.TemplateVersion]:
+        """A new template version; its import job is queued and a daemon woken."""
+        template, version, queued = await self.store.template_push(request, archive_hash, now_us())
+        self._provisioner_queued(queued)
+        return template, version
+
+    async def workspace_create(
+        self, request: pv.CreateWorkspaceRequest
+    ) -> tuple[pv.Workspace, pv.WorkspaceBuild]:
+        """A new workspace; its first build is queued and a daemon woken."""
+        workspace, build, queued = await self.store.workspace_create(request, now_us())
+        self._provisioner_queued(queued)
+        return workspace, build
+
+    async def workspace_build(
+        self, request: pv.BuildWorkspaceRequest
+    ) -> tuple[pv.Workspace, pv.WorkspaceBuild]:
+        """A build of a workspace, queued, and a daemon woken."""
+        workspace, build, queued = await self.store.workspace_build(request, now_us())
+        self._provisioner_queued(queued)
+        return workspace, build
+
+    async def template_dry_run(self, request: pv.DryRunRequest) -> str:
+        """A plan-only job, queued, and a daemon woken; its id."""
+        job_id, queued = await self.store.template_dry_run(request, now_us())
+        self._provisioner_queued(queued)
+        return job_id
+
+    def _provisioner_queued(self, queued: Queued) -> None:
         self._wake_daemon(queued.provisioner, queued.tags)
 
     async def acquire(
@@ -379,7 +408,7 @@ class JobEngine:
                 first = False
                 waiter.wake.clear()
                 acquiring = asyncio.ensure_future(
-                    self.db.write(prov_tx.job_acquire, daemon, now_us(), hang, lease)
+                    self.store.provisioner_job_acquire(daemon, now_us(), hang, lease)
                 )
                 try:
                     job, failed = await asyncio.shield(acquiring)
@@ -391,7 +420,7 @@ class JobEngine:
                 for job_id in failed:
                     self.feed.publish(job_topic(job_id))
                 if job is not None:
-                    self._assigned(prov_tx.KIND, job.created_at * 1000)
+                    self._assigned(pq.KIND, job.created_at * 1000)
                     self._arm(self.timeouts.provisioner_hang)
                     self.feed.publish(job_topic(job.job_id))
                     self._wake_daemon(None, {})  # there may be more: pass it on
@@ -418,17 +447,17 @@ class JobEngine:
 
     async def daemon_left(self, daemon_id: str) -> None:
         """The daemon said goodbye (CancelAcquire): not connected any more."""
-        await self.db.write(prov_tx.daemon_left, daemon_id, now_us())
+        await self.store.daemon_left(daemon_id, now_us())
 
     async def provisioner_broken(self, job_id: str, daemon_id: str) -> None:
-        if await self.db.write(prov_tx.connection_broken, job_id, daemon_id, now_us()):
+        if await self.store.provisioner_job_broken(job_id, daemon_id, now_us()):
             self.feed.publish(job_topic(job_id))
 
     async def provisioner_update(
         self, daemon_id: str, request: pd.UpdateJobRequest
     ) -> pd.UpdateJobResponse:
         hang = self.timeouts.provisioner_hang
-        updated = await self.db.write(prov_tx.job_update, daemon_id, request, now_us(), to_us(hang))
+        updated = await self.store.provisioner_job_update(daemon_id, request, now_us(), to_us(hang))
         self._arm(hang)
         if updated.logged:
             self.feed.publish(output_topic(request.job_id))
@@ -440,14 +469,14 @@ class JobEngine:
         self, daemon_id: str, request: pd.CommitQuotaRequest
     ) -> pd.CommitQuotaResponse:
         hang = to_us(self.timeouts.provisioner_hang)
-        return await self.db.write(prov_tx.commit_quota, daemon_id, request, now_us(), hang)
+        return await self.store.quota_commit(daemon_id, request, now_us(), hang)
 
     async def provisioner_complete(self, daemon_id: str, completed: pd.CompletedJob) -> None:
-        await self.db.write(prov_tx.job_complete, daemon_id, completed, now_us())
+        await self.store.provisioner_job_complete(daemon_id, completed, now_us())
         self.feed.publish(job_topic(completed.job_id))
 
     async def provisioner_fail(self, daemon_id: str, failed: pd.FailedJob) -> None:
-        await self.db.write(prov_tx.job_fail, daemon_id, failed, now_us())
+        await self.store.provisioner_job_fail(daemon_id, failed, now_us())
         self.feed.publish(job_topic(failed.job_id))
 
     # -- output --------------------------------------------------------------
@@ -463,7 +492,7 @@ class JobEngine:
         output.refs += 1
         try:
             if load:
-                await output.refresh(self.db, backlog=fresh)
+                await output.refresh(self.store, backlog=fresh)
             yield output
         finally:
             output.refs -= 1
@@ -480,7 +509,7 @@ class JobEngine:
         before it flushed when it let go) and counts its events."""
         async with self.output(job_id, load=resume) as output:
             output.local_writer = True
-            writer = OutputWriter(self.db, output)
+            writer = OutputWriter(self.store, output)
             appender = OutputAppender(self, output, writer)
             if resume:
                 appender.events = sum(len(batch.events) for batch in output.batches)
@@ -505,7 +534,7 @@ class JobEngine:
         while True:
             try:
                 await self._fire_timers()
-                deadline = await self.db.read(job_tx.jobs_next_deadline)
+                deadline = await self.store.jobs_next_deadline()
             except Exception:
                 log.exception("timer pass failed; retrying")
                 deadline = None
@@ -518,7 +547,7 @@ class JobEngine:
             self._next_timer = None
 
     async def _fire_timers(self) -> None:
-        fired = await self.db.write(job_tx.jobs_fire_timers, now_us())
+        fired = await self.store.jobs_fire_timers(now_us())
         if not fired:
             return
         for job_id in (*fired.expired, *fired.requeued, *fired.timed_out):
@@ -527,7 +556,7 @@ class JobEngine:
             await self._wake_from_db()
         if fired.hung:
             hang = self.timeouts.provisioner_hang
-            hung = await self.db.write(prov_tx.jobs_fail_hung, fired.hung, now_us(), hang)
+            hung = await self.store.provisioner_jobs_fail_hung(fired.hung, now_us(), hang)
             for job_id in hung:
                 self.feed.publish(job_topic(job_id))
                 self.feed.publish(output_topic(job_id))
@@ -573,10 +602,10 @@ class JobEngine:
         daemon's lease is also renewed each time it acquires or updates a job.)"""
         lease, now = to_us(self.timeouts.runner_lease), now_us()
         if self._connected:
-            await self.db.write_bulk(runner_tx.runners_renew, list(self._connected), now, lease)
+            await self.store.runners_renew(list(self._connected), now, lease)
         parked = {w.daemon.id for w in self._daemon_waiters}
         if parked:
-            await self.db.write_bulk(prov_tx.daemons_renew, parked, now, lease)
+            await self.store.daemons_renew(parked, now, lease)
 
     async def _prune_loop(self) -> None:
         while True:
@@ -617,7 +646,7 @@ class JobEngine:
         """Wake waiters for whatever is queued: after a scope frees, and on polls."""
         if not self._waiters:
             return
-        for runner_id in await self.db.read(job_tx.jobs_queued_runner_ids):
+        for runner_id in await self.store.jobs_queued_runner_ids():
             self._wake_for(runner_id)
 
     def _wake_daemon(self, provisioner: str | None, tags: Mapping[str, str]) -> None:
@@ -631,7 +660,7 @@ class JobEngine:
 
     async def _wake_daemons_from_db(self) -> None:
         """The poll: parked daemons look at work queued elsewhere."""
-        for provisioner, tags in await self.db.read(prov_tx.jobs_queued_kinds):
+        for provisioner, tags in await self.store.provisioner_jobs_queued_kinds():
             for waiter in self._daemon_waiters:
                 if not waiter.wake.is_set() and waiter.daemon.fits(provisioner, tags):
                     waiter.wake.set()

@@ -16,8 +16,7 @@ import math
 import time
 
 from waystation.protocol import vagrant_server_pb2 as vs
-from waystation.store import jobs as job_tx
-from waystation.store.database import Database
+from waystation.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class OutputLog:
             size += len(_BUFFERED)
         return b"".join((_TERMINAL_TAG, _varint(size), *parts)), seq
 
-    async def refresh(self, db: Database, *, backlog: bool = False) -> None:
+    async def refresh(self, store: Store, *, backlog: bool = False) -> None:
         """Pull batches persisted by someone else (another replica, or a past run);
         `backlog`: this is the log's first load, so they were there before anyone
         here watched."""
@@ -94,7 +93,7 @@ class OutputLog:
             return
         seen_at = -math.inf if backlog else None
         while True:
-            rows = await db.read_bulk(job_tx.output_read, self.job_id, self.next_seq - 1)
+            rows = await store.output_read(self.job_id, self.next_seq - 1)
             for seq, data in rows:
                 if seq == self.next_seq:
                     self.append(Terminal.FromString(data), seen_at)
@@ -105,8 +104,8 @@ class OutputLog:
 class OutputWriter:
     """Persists a local log's batches in the background, in groups."""
 
-    def __init__(self, db: Database, output: OutputLog) -> None:
-        self.db = db
+    def __init__(self, store: Store, output: OutputLog) -> None:
+        self.store = store
         self.output = output
         self.persisted = output.next_seq
         self._wake = asyncio.Event()
@@ -130,7 +129,7 @@ class OutputWriter:
         if not pending:
             return
         data = [self.output.encoded(self.persisted + i) for i in range(len(pending))]
-        await self.db.write(job_tx.output_append, self.output.job_id, self.persisted, data)
+        await self.store.output_append(self.output.job_id, self.persisted, data)
         self.persisted += len(data)
 
     async def flush(self) -> None:

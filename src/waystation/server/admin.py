@@ -15,16 +15,14 @@ from grpc import aio
 
 import waystation
 from waystation.auth.service import Authenticator
+from waystation.core.timeouts import now_us
 from waystation.engine.engine import JobEngine
-from waystation.engine.rules import now_us
 from waystation.errors import FailedPrecondition, InvalidArgument
 from waystation.files import private_dir
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc, stream_rpc
 from waystation.server.unimplemented import fill_unimplemented
-from waystation.store import jobs as job_tx
-from waystation.store import runners as runner_tx
 from waystation.store import snapshot
 
 DESCRIPTOR = admin.DESCRIPTOR.services_by_name["Admin"]
@@ -67,20 +65,20 @@ class AdminService:
 
     @rpc
     async def ConfigSet(self, request: vs.ConfigSetRequest, context: Ctx) -> vs.ConfigSetResponse:
-        if await self.engine.db.write(runner_tx.config_set, list(request.variables)):
+        if await self.engine.store.config_set(list(request.variables)):
             await self.engine.config_changed()
         return vs.ConfigSetResponse()
 
     @rpc
     async def ConfigGet(self, request: vs.ConfigGetRequest, context: Ctx) -> vs.ConfigGetResponse:
-        variables = await self.engine.db.read(runner_tx.config_get, request)
+        variables = await self.engine.store.config_get(request)
         return vs.ConfigGetResponse(variables=variables)
 
     @rpc
     async def ListRunners(
         self, request: admin.ListRunnersRequest, context: Ctx
     ) -> admin.ListRunnersResponse:
-        rows = await self.engine.db.read(runner_tx.runners_list, now_us())
+        rows = await self.engine.store.runners_list(now_us())
         response = admin.ListRunnersResponse()
         for runner, online, last_seen in rows:
             info = response.runners.add(runner=runner, online=online)
@@ -93,7 +91,7 @@ class AdminService:
     ) -> admin.GetQueuePositionResponse:
         if not request.job_id:
             raise FailedPrecondition("job_id is required")
-        position, blocker = await self.engine.db.read(job_tx.job_queue_position, request.job_id)
+        position, blocker = await self.engine.store.job_queue_position(request.job_id)
         return admin.GetQueuePositionResponse(position=position, blocked_by=blocker)
 
     @rpc
@@ -111,7 +109,7 @@ class AdminService:
     ) -> AsyncIterator[vs.CreateSnapshotResponse]:
         version = vs.VersionInfo(version=waystation.__version__)
         with tempfile.TemporaryFile() as spool:  # the read transaction ends before we stream
-            await self.engine.db.read_bulk(snapshot.write, spool, version)
+            await self.engine.store.snapshot_write(spool, version)
             spool.seek(0)
             yield vs.CreateSnapshotResponse(open=vs.CreateSnapshotResponse.Open())
             while chunk := spool.read(SNAPSHOT_CHUNK):
@@ -138,7 +136,7 @@ class AdminService:
                     out.write(message.chunk)
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())
-            await self.engine.db.read_bulk(snapshot.verify_file, partial)
+            await self.engine.store.snapshot_verify(partial)
             partial.replace(staged)
             await asyncio.to_thread(_sync_dir, self.data_dir)  # the rename, durable
         finally:

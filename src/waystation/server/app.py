@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflection
 
 import waystation
 from waystation.auth.service import Authenticator
-from waystation.config import MAX_MESSAGE_BYTES, ServerSettings, is_loopback
+from waystation.core.limits import MAX_MESSAGE_BYTES
+from waystation.core.settings import ServerSettings, is_loopback
 from waystation.engine.engine import JobEngine
 from waystation.files import warn_if_loose
 from waystation.metrics import RPCMetrics, serve_metrics
@@ -29,7 +30,7 @@ from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
 from waystation.server import admin, provisionerd, provisioning, vagrant
 from waystation.server.auth import Guard
 from waystation.server.decoding import DecodeSafely
-from waystation.store import Store, snapshot
+from waystation.store import Store
 from waystation.store.connect import open_store
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,12 @@ async def start(settings: ServerSettings) -> RunningServer:
     warn_if_loose(settings.data_dir)
     store = await open_store(settings.database_url, fsync=settings.fsync, wait=settings.db_wait)
     try:
-        await asyncio.to_thread(snapshot.apply_staged, store.db, settings.data_dir)
+        await asyncio.to_thread(store.snapshot_apply_staged, settings.data_dir)
     except Exception:
         await store.close()
         raise
     engine = JobEngine(store, settings.timeouts)
-    authenticator = Authenticator(store.db)
+    authenticator = Authenticator(store)
     exit_requested = asyncio.Event()
     metrics_address = stop_metrics = None
     if settings.metrics_listen:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from waystation.engine.rules import now_us
+from waystation.core.timeouts import now_us
 from waystation.errors import Unavailable
 from waystation.protocol import vagrant_server_pb2 as vs
-from waystation.store import jobs as job_tx
-from waystation.store.database import Database
+from waystation.store import Store
+from waystation.store.output import ScopeRef
 
 Event = vs.GetJobStreamResponse.Terminal.Event
 # How far back (microseconds) a poll looks for jobs that just finished.
@@ -39,8 +39,8 @@ def lines(event: Event) -> list[str]:
 class ScopeLog:
     """Follows the output of every job on a basis, project or target."""
 
-    def __init__(self, db: Database, kind: str, ref: job_tx.ScopeRef) -> None:
-        self.db = db
+    def __init__(self, store: Store, kind: str, ref: ScopeRef) -> None:
+        self.store = store
         self.kind = kind
         self.ref = ref
         self.cursor: dict[str, int] = {}
@@ -48,9 +48,7 @@ class ScopeLog:
 
     async def _read(self, since: int | None) -> list[vs.LogBatch]:
         started = now_us()
-        rows = await self.db.read(
-            job_tx.scope_output, self.kind, self.ref, dict(self.cursor), since
-        )
+        rows = await self.store.output_for_scope(self.kind, self.ref, dict(self.cursor), since)
         self.checked = started
         batches: dict[str, vs.LogBatch] = {}
         for job_id, seq, data in rows:

@@ -21,20 +21,17 @@ from grpc import aio
 
 from waystation import validate
 from waystation.auth.service import Authenticator, recheck
+from waystation.core.wire import DAEMON_ID, DAEMON_PROVISIONER, DAEMON_TAG
 from waystation.engine.engine import JobEngine
 from waystation.errors import InvalidArgument
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.server.errors import rpc
 from waystation.server.unimplemented import fill_unimplemented
-from waystation.store.provisioning import Daemon
+from waystation.store.provisioner_queue import Daemon
 
 DESCRIPTOR = pd.DESCRIPTOR.services_by_name["ProvisionerDaemon"]
 SERVICE = DESCRIPTOR.full_name
 Ctx = aio.ServicerContext[Any, Any]
-
-ID_KEY = "provisioner-daemon-id"
-PROVISIONER_KEY = "provisioner-daemon-provisioner"
-TAG_KEY = "provisioner-daemon-tag"
 
 
 def identity(context: Ctx, *, acquiring: bool = False) -> Daemon:
@@ -45,21 +42,21 @@ def identity(context: Ctx, *, acquiring: bool = False) -> Daemon:
     for key, value in context.invocation_metadata() or ():
         if not isinstance(value, str):
             continue
-        if key == ID_KEY:
+        if key == DAEMON_ID:
             daemon_id = value
-        elif key == PROVISIONER_KEY:
+        elif key == DAEMON_PROVISIONER:
             provisioners.extend(p.strip() for p in value.split(",") if p.strip())
-        elif key == TAG_KEY:
+        elif key == DAEMON_TAG:
             name, sep, tag_value = value.partition("=")
             if not sep or not name:
-                raise InvalidArgument(f"{TAG_KEY} must be key=value, got {value!r}")
+                raise InvalidArgument(f"{DAEMON_TAG} must be key=value, got {value!r}")
             tags[name] = tag_value
     if not daemon_id:
-        raise InvalidArgument(f"provisioner daemon id is required: send it as {ID_KEY} metadata")
+        raise InvalidArgument(f"provisioner daemon id is required: send it as {DAEMON_ID} metadata")
     validate.resource_id("provisioner daemon", daemon_id, field="id")
     if acquiring and not provisioners:
         raise InvalidArgument(
-            f"a daemon must serve at least one provisioner: send {PROVISIONER_KEY} metadata"
+            f"a daemon must serve at least one provisioner: send {DAEMON_PROVISIONER} metadata"
         )
     return Daemon(daemon_id, tuple(sorted(set(provisioners))), tags)
 

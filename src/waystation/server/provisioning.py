@@ -7,15 +7,14 @@ from typing import Any
 
 from grpc import aio
 
+from waystation.core.timeouts import now_us
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import job_topic, output_topic, wait
-from waystation.engine.rules import now_us
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.provisioner import archive
 from waystation.server.errors import rpc, stream_rpc
 from waystation.server.unimplemented import fill_unimplemented
-from waystation.store import jobs as job_tx
-from waystation.store import provisioning as prov_tx
+from waystation.store import provisioner_queue as pq
 
 DESCRIPTOR = pv.DESCRIPTOR.services_by_name["Provisioning"]
 SERVICE = DESCRIPTOR.full_name
@@ -27,7 +26,7 @@ ENDED = (Job.SUCCEEDED, Job.FAILED, Job.CANCELED)
 class ProvisioningService:
     def __init__(self, engine: JobEngine) -> None:
         self.engine = engine
-        self.db = engine.db
+        self.store = engine.store
         fill_unimplemented(self, DESCRIPTOR)
 
     # -- templates -----------------------------------------------------------
@@ -37,31 +36,28 @@ class ProvisioningService:
         self, request: pv.PushTemplateRequest, context: Ctx
     ) -> pv.PushTemplateResponse:
         digest = archive.check(request.archive)
-        template, version, queued = await self.db.write(
-            prov_tx.template_push, request, digest, now_us()
-        )
-        self.engine.provisioner_queued(queued)
+        template, version = await self.engine.template_push(request, digest)
         return pv.PushTemplateResponse(template=template, version=version)
 
     @rpc
     async def ListTemplates(
         self, request: pv.ListTemplatesRequest, context: Ctx
     ) -> pv.ListTemplatesResponse:
-        return pv.ListTemplatesResponse(templates=await self.db.read(prov_tx.template_list))
+        return pv.ListTemplatesResponse(templates=await self.store.template_list())
 
     @rpc
     async def ListTemplateVersions(
         self, request: pv.ListTemplateVersionsRequest, context: Ctx
     ) -> pv.ListTemplateVersionsResponse:
-        versions = await self.db.read(prov_tx.template_versions_list, request.template)
+        versions = await self.store.template_version_list(request.template)
         return pv.ListTemplateVersionsResponse(versions=versions)
 
     @rpc
     async def GetTemplateVersion(
         self, request: pv.GetTemplateVersionRequest, context: Ctx
     ) -> pv.TemplateVersion:
-        version_id = await self.db.read(prov_tx.version_resolve, request.version)
-        return await self.db.read(prov_tx.version_get, version_id)
+        version_id = await self.store.template_version_resolve(request.version)
+        return await self.store.template_version_get(version_id)
 
     # -- workspaces ----------------------------------------------------------
 
@@ -69,16 +65,14 @@ class ProvisioningService:
     async def CreateWorkspace(
         self, request: pv.CreateWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
-        workspace, build, queued = await self.db.write(prov_tx.workspace_create, request, now_us())
-        self.engine.provisioner_queued(queued)
+        workspace, build = await self.engine.workspace_create(request)
         return pv.BuildResponse(workspace=workspace, build=build)
 
     @rpc
     async def BuildWorkspace(
         self, request: pv.BuildWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
-        workspace, build, queued = await self.db.write(prov_tx.workspace_build, request, now_us())
-        self.engine.provisioner_queued(queued)
+        workspace, build = await self.engine.workspace_build(request)
         return pv.BuildResponse(workspace=workspace, build=build)
 
     @rpc
@@ -86,21 +80,18 @@ class ProvisioningService:
         self, request: pv.ListWorkspacesRequest, context: Ctx
     ) -> pv.ListWorkspacesResponse:
         # A listing may be long: off the event loop, like job listings.
-        found = await self.db.read_bulk(
-            prov_tx.workspace_list, request.owner, request.include_deleted
-        )
+        found = await self.store.workspace_list(request.owner, request.include_deleted)
         return pv.ListWorkspacesResponse(workspaces=found)
 
     @rpc
     async def GetWorkspace(
         self, request: pv.GetWorkspaceRequest, context: Ctx
     ) -> pv.GetWorkspaceResponse:
-        return await self.db.read(prov_tx.workspace_show, request.workspace)
+        return await self.store.workspace_show(request.workspace)
 
     @rpc
     async def DryRun(self, request: pv.DryRunRequest, context: Ctx) -> Job:
-        job_id, queued = await self.db.write(prov_tx.dry_run, request, now_us())
-        self.engine.provisioner_queued(queued)
+        job_id = await self.engine.template_dry_run(request)
         return await self._job(job_id)
 
     # -- quotas --------------------------------------------------------------
@@ -108,23 +99,23 @@ class ProvisioningService:
     @rpc
     async def SetQuota(self, request: pv.SetQuotaRequest, context: Ctx) -> pv.Quota:
         allowance = None if request.clear else request.allowance
-        return await self.db.write(prov_tx.quota_set, request.user, allowance)
+        return await self.store.quota_set(request.user, allowance)
 
     @rpc
     async def GetQuota(self, request: pv.GetQuotaRequest, context: Ctx) -> pv.Quota:
-        return await self.db.read(prov_tx.quota_get, request.user)
+        return await self.store.quota_get(request.user)
 
     # -- jobs and daemons ----------------------------------------------------
 
     async def _job(self, job_id: str) -> Job:
-        return await self.db.read(prov_tx.job_view, job_id, now_us())
+        return await self.store.provisioner_job_view(job_id, now_us())
 
     @rpc
     async def ListProvisionerJobs(
         self, request: pv.ListProvisionerJobsRequest, context: Ctx
     ) -> pv.ListProvisionerJobsResponse:
         limit = min(request.limit or 100, 10_000)
-        found = await self.db.read(prov_tx.job_list, request.pending_only, limit, now_us())
+        found = await self.store.provisioner_job_list(request.pending_only, limit, now_us())
         return pv.ListProvisionerJobsResponse(jobs=found)
 
     @rpc
@@ -135,14 +126,14 @@ class ProvisioningService:
     async def CancelProvisionerJob(
         self, request: pv.CancelProvisionerJobRequest, context: Ctx
     ) -> Job:
-        await self.engine.cancel(request.id, prov_tx.KIND)
+        await self.engine.cancel(request.id, pq.KIND)
         return await self._job(request.id)
 
     @rpc
     async def ListProvisionerDaemons(
         self, request: pv.ListProvisionerDaemonsRequest, context: Ctx
     ) -> pv.ListProvisionerDaemonsResponse:
-        found = await self.db.read(prov_tx.daemons_list, now_us())
+        found = await self.store.daemons_list(now_us())
         return pv.ListProvisionerDaemonsResponse(daemons=found)
 
     @stream_rpc
@@ -160,7 +151,7 @@ class ProvisioningService:
                 job = await self._job(job_id)
                 # Output is read after the state, so a final state has all its lines here.
                 while True:
-                    rows = await self.db.read_bulk(job_tx.output_read, job_id, after)
+                    rows = await self.store.output_read(job_id, after)
                     for seq, data in rows:
                         after = seq
                         logs = pv.WatchProvisionerJobResponse.Logs.FromString(data)

@@ -10,9 +10,9 @@ from google.protobuf.empty_pb2 import Empty
 from google.rpc import code_pb2, status_pb2
 from grpc import aio
 
+from waystation.core.states import FINAL, HELD
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import OUTPUT_TOPIC, job_topic, output_topic, wait
-from waystation.engine.rules import FINAL, HELD
 from waystation.engine.validation import check_new_job, parse_expiry
 from waystation.errors import FailedPrecondition, WaystationError
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -112,7 +112,7 @@ class JobRPCs:
                         previous, canceling = job.state, now_canceling
                     final = job.state in FINAL
                     if final or looked_elsewhere:
-                        await output.refresh(self.engine.db)  # rows another server wrote
+                        await output.refresh(self.engine.store)  # rows another server wrote
                     # Batches may arrive while we yield: count each one sent.
                     while sent < output.next_seq:
                         # Encoded once for every watcher (see server.app.AllowEncoded).
@@ -142,7 +142,7 @@ class JobRPCs:
             raise FailedPrecondition("log stream scope (basis, project or target) is required")
         limit = {0: 50}.get(request.limit_backlog, request.limit_backlog)
         ref = getattr(request, kind)
-        follower = logstream.ScopeLog(self.engine.db, kind, ref)
+        follower = logstream.ScopeLog(self.engine.store, kind, ref)
         with self.engine.feed.subscribe(OUTPUT_TOPIC) as wake:
             backlog = await follower.backlog(None if limit < 0 else limit)
             for batch in backlog:

@@ -11,14 +11,13 @@ from typing import Any
 from grpc import aio
 
 from waystation.auth.service import Authenticator, recheck
+from waystation.core.states import FINAL, RUNNING
+from waystation.core.wire import RESUME_EVENTS, RESUME_JOB
 from waystation.engine.engine import JobEngine, OutputAppender
 from waystation.engine.feed import CONFIG_TOPIC, job_topic, wait
-from waystation.engine.rules import FINAL, RUNNING
 from waystation.errors import FailedPrecondition
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.errors import rpc
-from waystation.store import runners as runner_tx
-from waystation.wire import RESUME_EVENTS, RESUME_JOB
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class RunnerRPCs:
     async def GetRunner(self, request: vs.GetRunnerRequest, context: Ctx) -> vs.Runner:
         if not request.runner_id:
             raise FailedPrecondition("runner_id is required")
-        return await self.engine.db.read(runner_tx.runner_get, request.runner_id)
+        return await self.engine.store.runner_get(request.runner_id)
 
     @rpc
     async def RunnerConfig(
@@ -55,7 +54,7 @@ class RunnerRPCs:
             with self.engine.feed.subscribe(CONFIG_TOPIC) as changed:
                 while not gone.done() and not self.engine.draining:
                     changed.clear()
-                    variables = await self.engine.db.read(runner_tx.runner_config, runner.id)
+                    variables = await self.engine.store.runner_config(runner.id)
                     config = vs.RunnerConfig(config_vars=variables)
                     await context.write(vs.RunnerConfigResponse(config=config))
                     waiting = asyncio.ensure_future(changed.wait())
@@ -91,7 +90,7 @@ class RunnerRPCs:
         if resuming is not None:
             await self._resume(resuming, first.request.runner_id, requests, context)
             return
-        runner = await self.engine.db.read(runner_tx.runner_get, first.request.runner_id)
+        runner = await self.engine.store.runner_get(first.request.runner_id)
         runner_id = runner.id
 
         # Step 2. If the client leaves while we wait, the wait is cancelled.

@@ -1,6 +1,6 @@
 """Job transactions: every transition of the state machine is one of these.
 
-The rules (waystation.engine.rules) are applied here, inside the transaction,
+The rules (waystation.core.states) are applied here, inside the transaction,
 with conditional UPDATEs (`... WHERE state = X`) so that a transition happens
 once even when two server replicas race for it. Assignment locks its
 candidate rows with FOR UPDATE SKIP LOCKED on PostgreSQL (SQLite has one
@@ -18,17 +18,25 @@ import sqlalchemy as sa
 from google.rpc import status_pb2
 from sqlalchemy.engine import Connection
 
-from waystation.engine import rules
-from waystation.engine.rules import ERROR, FINAL, HELD, QUEUED, RUNNING, SUCCESS, WAITING
+from waystation.core.states import (
+    ERROR,
+    FINAL,
+    HELD,
+    QUEUED,
+    RUNNING,
+    SUCCESS,
+    WAITING,
+    cancelled_status,
+    serialization_key,
+    state_name,
+)
+from waystation.core.states import VAGRANT as VAGRANT  # jobs.kind of runner jobs; job_tx.VAGRANT
 from waystation.errors import FailedPrecondition, NotFound
 from waystation.ids import new_id
-from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import resources
 from waystation.store.prepared import Prepared
-from waystation.store.schema import bases, job_output, jobs, projects
-
-VAGRANT = "vagrant"  # jobs.kind of runner jobs (provisioner jobs: store.provisioning)
+from waystation.store.schema import bases, jobs, projects
 
 # -- queue -----------------------------------------------------------------------
 
@@ -90,9 +98,7 @@ def job_queue(conn: Connection, job: vs.Job, now: int, expires_in: int | None) -
         kind=VAGRANT,
         state=QUEUED,
         operation=operation,
-        scope_key=rules.serialization_key(
-            operation, scope.basis_id, scope.project_id, scope.target_id
-        ),
+        scope_key=serialization_key(operation, scope.basis_id, scope.project_id, scope.target_id),
         basis_id=scope.basis_id,
         project_id=scope.project_id,
         target_id=scope.target_id,
@@ -335,12 +341,13 @@ def job_nack(conn: Connection, job_id: str, runner_id: str, assigned_at: int) ->
     """Back to QUEUED for another runner; False if this assignment no longer stands."""
     return bool(
         conn.execute(
-            sa.update(jobs).where(_assignment(job_id, runner_id, assigned_at)).values(_REQUEUE)
+            sa.update(jobs).where(_assignment(job_id, runner_id, assigned_at)).values(REQUEUE)
         ).rowcount
     )
 
 
-_REQUEUE = {
+# A held job back to QUEUED (a nack here, the ack timeout in job_timers.py).
+REQUEUE = {
     "state": QUEUED,
     "assigned_runner": None,
     "assigned_runner_id": None,
@@ -384,7 +391,7 @@ def job_resume(
     except NotFound:
         raise FailedPrecondition(f"cannot resume job {job_id}: no such job") from None
     if current.state != RUNNING:
-        state = rules.state_name(current.state)
+        state = state_name(current.state)
         raise FailedPrecondition(f"cannot resume job {job_id}: it is {state}, not RUNNING")
     raise FailedPrecondition(f"cannot resume job {job_id}: it is held by another runner")
 
@@ -426,9 +433,7 @@ def job_complete(
     current = job_row(conn, job_id)
     if current.assigned_runner != runner_id.lower():
         raise FailedPrecondition("job is not assigned to this runner")
-    raise FailedPrecondition(
-        f"job can't be completed from state: {rules.state_name(current.state)}"
-    )
+    raise FailedPrecondition(f"job can't be completed from state: {state_name(current.state)}")
 
 
 _COMPLETE = Prepared(
@@ -451,7 +456,7 @@ _COMPLETE = Prepared(
 )
 
 
-def _end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: int) -> bool:
+def end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: int) -> bool:
     return bool(
         conn.execute(
             sa.update(jobs)
@@ -460,7 +465,7 @@ def _end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now:
                 state=ERROR,
                 complete_time=now,
                 cancel_time=sa.func.coalesce(jobs.c.cancel_time, now),
-                error=rules.cancelled_status().SerializeToString(),
+                error=cancelled_status().SerializeToString(),
                 ack_deadline=None,
                 heartbeat_deadline=None,
             )
@@ -483,78 +488,15 @@ def job_cancel(conn: Connection, job_id: str, now: int, kind: str = "vagrant") -
     if row.state in FINAL:
         outcome = CancelOutcome.NOTHING
     elif row.state == QUEUED:
-        _end_with_error(conn, job_id, (QUEUED,), now)
+        end_with_error(conn, job_id, (QUEUED,), now)
         outcome = CancelOutcome.ENDED
     elif row.cancel_time is None:
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(cancel_time=now))
         outcome = CancelOutcome.SIGNALLED
     else:
-        _end_with_error(conn, job_id, HELD, now)
+        end_with_error(conn, job_id, HELD, now)
         outcome = CancelOutcome.FORCED
     return outcome
-
-
-# -- timers ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fired:
-    expired: list[str]  # QUEUED or WAITING past expire_time: now ERROR
-    requeued: list[str]  # WAITING past the ack deadline: QUEUED again
-    timed_out: list[str]  # RUNNING past the heartbeat deadline: ERROR
-    # Provisioner jobs past their hang deadline, for store.provisioning to fail
-    # with the reason logged.
-    hung: list[str]
-
-    def __bool__(self) -> bool:
-        return bool(self.expired or self.requeued or self.timed_out or self.hung)
-
-
-def jobs_fire_timers(conn: Connection, now: int) -> Fired:
-    def due(column: sa.Column[int], states: tuple[int, ...], kind: str = VAGRANT) -> list[str]:
-        return list(
-            conn.execute(
-                sa.select(jobs.c.id)
-                .where(column <= now, jobs.c.state.in_(states), jobs.c.kind == kind)
-                .with_for_update(skip_locked=True)
-            ).scalars()
-        )
-
-    expired = [
-        j
-        for j in due(jobs.c.expire_time, (QUEUED, WAITING))
-        if _end_with_error(conn, j, (QUEUED, WAITING), now)
-    ]
-    requeued = []
-    for job_id in due(jobs.c.ack_deadline, (WAITING,)):
-        if conn.execute(
-            sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == WAITING).values(_REQUEUE)
-        ).rowcount:
-            requeued.append(job_id)
-    timed_out = [
-        j
-        for j in due(jobs.c.heartbeat_deadline, (RUNNING,))
-        if _end_with_error(conn, j, (RUNNING,), now)
-    ]
-    hung = due(jobs.c.heartbeat_deadline, (RUNNING,), "provisioner")
-    return Fired(expired, requeued, timed_out, hung)
-
-
-def jobs_next_deadline(conn: Connection) -> int | None:
-    """The earliest moment a timer is due, or None if no timer is armed."""
-    candidates = [
-        conn.execute(
-            sa.select(sa.func.min(jobs.c.expire_time)).where(jobs.c.state.in_((QUEUED, WAITING)))
-        ).scalar(),
-        conn.execute(
-            sa.select(sa.func.min(jobs.c.ack_deadline)).where(jobs.c.state == WAITING)
-        ).scalar(),
-        conn.execute(
-            sa.select(sa.func.min(jobs.c.heartbeat_deadline)).where(jobs.c.state == RUNNING)
-        ).scalar(),
-    ]
-    present = [c for c in candidates if c is not None]
-    return min(present) if present else None
 
 
 # -- read ------------------------------------------------------------------------
@@ -642,101 +584,9 @@ def _message(row: Any) -> vs.Job:
     return job
 
 
-# -- output ----------------------------------------------------------------------
-
-
-def output_append(conn: Connection, job_id: str, first_seq: int, batches: list[bytes]) -> None:
-    _OUTPUT_APPEND.run_many(
-        conn, [{"job_id": job_id, "seq": first_seq + i, "data": b} for i, b in enumerate(batches)]
-    )
-
-
-_OUTPUT_APPEND = Prepared(
-    sa.insert(job_output).values(
-        job_id=sa.bindparam("job_id"), seq=sa.bindparam("seq"), data=sa.bindparam("data")
-    )
-)
-
-
-def output_read(
-    conn: Connection, job_id: str, after_seq: int = -1, limit: int = 1000
-) -> list[tuple[int, bytes]]:
-    rows = conn.execute(
-        sa.select(job_output.c.seq, job_output.c.data)
-        .where(job_output.c.job_id == job_id, job_output.c.seq > after_seq)
-        .order_by(job_output.c.seq)
-        .limit(limit)
-    )
-    return [(r.seq, r.data) for r in rows]
-
-
-def output_next_seq(conn: Connection, job_id: str) -> int:
-    row = _OUTPUT_LAST.one(conn, job_id=job_id)
-    return 0 if row is None or row[0] is None else int(row[0]) + 1
-
-
-_OUTPUT_LAST = Prepared(
-    sa.select(sa.func.max(job_output.c.seq)).where(job_output.c.job_id == sa.bindparam("job_id"))
-)
-
-
-# -- prune -----------------------------------------------------------------------
-
-
-def jobs_prune(conn: Connection, keep: int) -> int:
-    """Delete all but the newest `keep` finished runner jobs (and their output).
-
-    Provisioner jobs stay: template versions and workspace builds point at them.
-    """
-    finished = sa.and_(jobs.c.kind == VAGRANT, jobs.c.state.in_(FINAL))
-    newest = (
-        sa.select(jobs.c.id)
-        .where(finished)
-        .order_by(jobs.c.complete_time.desc(), jobs.c.id.desc())
-        .limit(keep)
-    )
-    doomed = sa.select(jobs.c.id).where(finished, jobs.c.id.not_in(newest))
-    conn.execute(sa.delete(job_output).where(job_output.c.job_id.in_(doomed)))
-    return conn.execute(sa.delete(jobs).where(finished, jobs.c.id.not_in(newest))).rowcount
-
-
-# -- logs by scope -----------------------------------------------------------------
-
-ScopeRef = sdk.Ref.Basis | sdk.Ref.Project | sdk.Ref.Target
-
-
-def scope_output(
-    conn: Connection, kind: str, ref: ScopeRef, cursor: dict[str, int], since: int | None
-) -> list[tuple[str, int, bytes]]:
-    """Output rows of a scope's jobs past `cursor` (job id -> last seq read), in order.
-
-    With `since` (microseconds), only jobs still active or finished after it
-    are looked at: older ones cannot have new output.
-    """
-    job = vs.Job()
-    getattr(job, kind).CopyFrom(ref)
-    try:
-        scope = resolve_scope(conn, job)
-    except (NotFound, FailedPrecondition):
-        raise NotFound(f"log stream {kind} not found") from None
-    column, value = {
-        "basis": (jobs.c.basis_id, scope.basis_id),
-        "project": (jobs.c.project_id, scope.project_id),
-        "target": (jobs.c.target_id, scope.target_id),
-    }[kind]
-    query = sa.select(jobs.c.id).where(column == value).order_by(jobs.c.queue_time, jobs.c.id)
-    if since is not None:
-        query = query.where(sa.or_(jobs.c.complete_time.is_(None), jobs.c.complete_time >= since))
-    rows: list[tuple[str, int, bytes]] = []
-    for job_id in conn.execute(query).scalars():
-        for seq, data in output_read(conn, job_id, cursor.get(job_id, -1), limit=100_000):
-            rows.append((job_id, seq, data))
-    return rows
-
-
 def jobs_count_by_state(conn: Connection) -> list[tuple[str, str, int]]:
     """(kind, state name, count) of every job in the store, for metrics."""
     rows = conn.execute(
         sa.select(jobs.c.kind, jobs.c.state, sa.func.count()).group_by(jobs.c.kind, jobs.c.state)
     )
-    return [(kind, rules.state_name(state), count) for kind, state, count in rows]
+    return [(kind, state_name(state), count) for kind, state, count in rows]
