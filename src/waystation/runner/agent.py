@@ -25,13 +25,13 @@ from google.rpc import code_pb2
 from grpc import aio
 
 from waystation.client import Connection, reconnect_pause
-from waystation.config import MAX_MESSAGE_BYTES
+from waystation.core.limits import MAX_MESSAGE_BYTES
+from waystation.core.wire import RESUME_EVENTS, RESUME_JOB
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.runner.operations import JobFailed, Runtime, execute
 from waystation.runner.plugins import Plugin, load_plugins
 from waystation.runner.ui import BATCH_EVENTS, UI
-from waystation.wire import RESUME_EVENTS, RESUME_JOB
 
 log = logging.getLogger(__name__)
 
