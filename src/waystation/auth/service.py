@@ -13,6 +13,7 @@ from grpc import aio
 
 from waystation.auth import tokens
 from waystation.core.timeouts import now_us
+from waystation.core.wire import AUTHORIZATION
 from waystation.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
@@ -147,7 +148,7 @@ def recheck(
     if not enabled:
         return None
     metadata = dict(context.invocation_metadata() or ())
-    text = metadata.get("authorization", "")
+    text = metadata.get(AUTHORIZATION, "")
     token = text.removeprefix("Bearer ") if isinstance(text, str) else ""
 
     async def check() -> None:

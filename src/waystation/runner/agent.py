@@ -7,7 +7,7 @@ then report Complete or Error. When the server goes away, everything
 reconnects with capped exponential backoff (starting over once connected).
 
 A job in hand outlives the server: its command keeps running and its output
-is kept, and its stream is resumed (waystation.wire) once the server is back;
+is kept, and its stream is resumed (waystation.core.wire) once the server is back;
 the server says how many output events it holds, and the rest is re-sent. If
 the server refuses the resume (the job ended meanwhile), the command stops.
 """
