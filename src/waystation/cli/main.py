@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import auth, jobs, provisioning, runner, server, snapshot, state
+from waystation.cli import auth, jobs, provisioner, provisioning, runner, server, snapshot, state
 from waystation.cli.output import Context, fail
 from waystation.client import Connection, Contexts
 from waystation.core.settings import DEFAULT_ADDRESS
@@ -35,7 +35,7 @@ app.command("logout")(auth.logout)
 app.command("whoami")(auth.whoami)
 # No extra args nor unknown options: the command's own arguments come after `--`.
 app.command("run")(jobs.run)
-for name, sub in (*state.apps.items(), *provisioning.apps.items()):
+for name, sub in (*state.apps.items(), *provisioning.apps.items(), *provisioner.apps.items()):
     app.add_typer(sub, name=name)
 
 

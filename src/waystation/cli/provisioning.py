@@ -1,4 +1,8 @@
-"""`waystation template|workspace|quota|provisioner`: Coder-style provisioning for people."""
+"""`waystation template|workspace|quota`: Coder-style provisioning for people.
+
+The helpers that show and follow provisioner jobs are shared with
+`waystation provisioner` (cli/provisioner.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from rich.text import Text
 from waystation.cli.output import (
     Context,
     call,
-    configure_logging,
     err,
     fail,
     out,
@@ -47,15 +50,9 @@ Owner = Annotated[
 template_app = typer.Typer(help="Push and list templates (what workspaces are built from).")
 workspace_app = typer.Typer(help="Create, start, stop and delete workspaces.")
 quota_app = typer.Typer(help="Per-user quota allowances (daily cost units).")
-provisioner_app = typer.Typer(
-    help="Run a provisioner daemon (with no subcommand), or look at daemons and their jobs.",
-    invoke_without_command=True,
-)
-jobs_app = typer.Typer(help="Provisioner jobs: pending, running and done.")
-provisioner_app.add_typer(jobs_app, name="jobs")
 
 
-def _stub(c: Context) -> pv_grpc.ProvisioningStub:
+def stub(c: Context) -> pv_grpc.ProvisioningStub:
     return pv_grpc.ProvisioningStub(c.channel)
 
 
@@ -106,7 +103,7 @@ def watch(c: Context, job_id: str, logs: Console = out) -> Job:
     last = Job()
     clock = PendingClock(err, f"job {job_id}")  # how long it has been pending
     with rpc_errors(c, f"watching job {job_id}"):
-        stream = _stub(c).WatchProvisionerJob(pv.WatchProvisionerJobRequest(id=job_id))
+        stream = stub(c).WatchProvisionerJob(pv.WatchProvisionerJobRequest(id=job_id))
         try:
             for event in stream:
                 if event.HasField("job"):
@@ -134,10 +131,15 @@ def watch(c: Context, job_id: str, logs: Console = out) -> Job:
     return last
 
 
-def _exit_for(job: Job) -> None:
+def exit_for(job: Job) -> None:
     """Exit 1 with the job's error and code unless it succeeded."""
     if job.status != Job.SUCCEEDED:
         fail(failure_text(job) or f"job {job.id} {Job.Status.Name(job.status).lower()}")
+
+
+def cancel_job(c: Context, job_id: str) -> None:
+    job = call(c, stub(c).CancelProvisionerJob, pv.CancelProvisionerJobRequest(id=job_id))
+    err.print(Text.assemble(f"job {job.id}: ", status_text(job)))
 
 
 def _resources(resources: Iterable[sdk.Resource], title: str) -> None:
@@ -195,7 +197,7 @@ def template_push(
         ],
         version_name=version_name,
     )
-    pushed = call(c, _stub(c).PushTemplate, request, about="push")
+    pushed = call(c, stub(c).PushTemplate, request, about="push")
     version = pushed.version
     err.print(
         f"template {pushed.template.name} version {version.name}: import job {version.job_id}"
@@ -211,10 +213,10 @@ def template_push(
     )
     if as_json:
         request_version = pv.GetTemplateVersionRequest(version=version.id)
-        print_json(call(c, _stub(c).GetTemplateVersion, request_version))
+        print_json(call(c, stub(c).GetTemplateVersion, request_version))
     elif job.status == Job.SUCCEEDED:
         version = call(
-            c, _stub(c).GetTemplateVersion, pv.GetTemplateVersionRequest(version=version.id)
+            c, stub(c).GetTemplateVersion, pv.GetTemplateVersionRequest(version=version.id)
         )
         params = [
             [p.name, p.type or "string", p.default_value, "yes" if p.required else "no"]
@@ -225,13 +227,13 @@ def template_push(
             print_table(["name", "type", "default", "required"], params, "")
         _resources(version.start_resources, "resources when started")
         _resources(version.stop_resources, "resources when stopped")
-    _exit_for(job)
+    exit_for(job)
 
 
 def _warn_if_never_served(c: Context, provisioner: str) -> None:
     """Say at once when no daemon has ever served `provisioner` (a typo, or none set up)."""
     request = pv.ListProvisionerDaemonsRequest()
-    daemons = call(c, _stub(c).ListProvisionerDaemons, request).daemons
+    daemons = call(c, stub(c).ListProvisionerDaemons, request).daemons
     if not any(provisioner in d.provisioners for d in daemons):
         err.print(
             Text.assemble(
@@ -269,7 +271,7 @@ def template_init(
 def template_list(ctx: typer.Context, as_json: Json = False) -> None:
     """List templates."""
     c: Context = ctx.obj
-    found = call(c, _stub(c).ListTemplates, pv.ListTemplatesRequest()).templates
+    found = call(c, stub(c).ListTemplates, pv.ListTemplatesRequest()).templates
     if as_json:
         return print_json(list(found))
     rows = [[t.name, str(t.version_count), t.active_version_id or "(none yet)"] for t in found]
@@ -281,7 +283,7 @@ def template_versions(ctx: typer.Context, template: str, as_json: Json = False) 
     """List a template's versions and their imports."""
     c: Context = ctx.obj
     request = pv.ListTemplateVersionsRequest(template=template)
-    found = call(c, _stub(c).ListTemplateVersions, request).versions
+    found = call(c, stub(c).ListTemplateVersions, request).versions
     if as_json:
         return print_json(list(found))
     rows = [
@@ -322,9 +324,9 @@ def _follow(c: Context, response: pv.BuildResponse, detach: bool, as_json: bool 
     )
     if as_json:
         ref = pv.WorkspaceRef(id=response.workspace.id)
-        shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+        shown = call(c, stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
         print_json(next((b for b in shown.builds if b.id == build.id), build))
-    _exit_for(job)
+    exit_for(job)
 
 
 @workspace_app.command("create")
@@ -346,7 +348,7 @@ def workspace_create(
     request = pv.CreateWorkspaceRequest(
         name=name, owner=_owner(owner), template=template, rich_parameter_values=_params(params)
     )
-    _follow(c, call(c, _stub(c).CreateWorkspace, request, about="create"), detach, as_json)
+    _follow(c, call(c, stub(c).CreateWorkspace, request, about="create"), detach, as_json)
 
 
 def _build(
@@ -365,7 +367,7 @@ def _build(
         rich_parameter_values=_params(params),
         template_version_id=version,
     )
-    _follow(c, call(c, _stub(c).BuildWorkspace, request), detach)
+    _follow(c, call(c, stub(c).BuildWorkspace, request), detach)
 
 
 Version = Annotated[str, typer.Option("--version", help="Template version (id, or TEMPLATE@NAME).")]
@@ -405,8 +407,8 @@ def workspace_cancel(ctx: typer.Context, name: str, owner: Owner = "") -> None:
     """Cancel the workspace's pending or running build."""
     c: Context = ctx.obj
     ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
-    shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
-    _cancel(c, shown.workspace.latest_build.job_id)
+    shown = call(c, stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+    cancel_job(c, shown.workspace.latest_build.job_id)
 
 
 @workspace_app.command("list")
@@ -419,7 +421,7 @@ def workspace_list(
     """List workspaces."""
     c: Context = ctx.obj
     request = pv.ListWorkspacesRequest(owner=owner, include_deleted=include_deleted)
-    found = call(c, _stub(c).ListWorkspaces, request).workspaces
+    found = call(c, stub(c).ListWorkspaces, request).workspaces
     if as_json:
         return print_json(list(found))
     rows = []
@@ -438,7 +440,7 @@ def workspace_show(ctx: typer.Context, name: str, owner: Owner = "", as_json: Js
     """Show a workspace, its resources and its builds."""
     c: Context = ctx.obj
     ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
-    shown = call(c, _stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
+    shown = call(c, stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
     if as_json:
         return print_json(shown)
     w = shown.workspace
@@ -477,13 +479,13 @@ def workspace_dry_run(
         owner=_owner(owner),
         rich_parameter_values=_params(params),
     )
-    job = call(c, _stub(c).DryRun, request, about="dry run")
+    job = call(c, stub(c).DryRun, request, about="dry run")
     err.print(f"dry run: job {job.id}")
     job = watch(c, job.id)
     if job.status == Job.SUCCEEDED:
-        job = call(c, _stub(c).GetProvisionerJob, pv.GetProvisionerJobRequest(id=job.id))
+        job = call(c, stub(c).GetProvisionerJob, pv.GetProvisionerJobRequest(id=job.id))
         _resources(job.dry_run_resources, "planned resources")
-    _exit_for(job)
+    exit_for(job)
 
 
 # -- quotas --------------------------------------------------------------------------
@@ -502,178 +504,26 @@ def quota_set(
 ) -> None:
     """Set a user's allowance."""
     c: Context = ctx.obj
-    _show_quota(call(c, _stub(c).SetQuota, pv.SetQuotaRequest(user=user, allowance=allowance)))
+    _show_quota(call(c, stub(c).SetQuota, pv.SetQuotaRequest(user=user, allowance=allowance)))
 
 
 @quota_app.command("clear")
 def quota_clear(ctx: typer.Context, user: str) -> None:
     """Remove a user's allowance (no limit)."""
     c: Context = ctx.obj
-    _show_quota(call(c, _stub(c).SetQuota, pv.SetQuotaRequest(user=user, clear=True)))
+    _show_quota(call(c, stub(c).SetQuota, pv.SetQuotaRequest(user=user, clear=True)))
 
 
 @quota_app.command("show")
 def quota_show(ctx: typer.Context, user: str, as_json: Json = False) -> None:
     """Show a user's allowance and what is in use."""
     c: Context = ctx.obj
-    quota = call(c, _stub(c).GetQuota, pv.GetQuotaRequest(user=user))
+    quota = call(c, stub(c).GetQuota, pv.GetQuotaRequest(user=user))
     print_json(quota) if as_json else _show_quota(quota)
-
-
-# -- provisioner daemons and jobs --------------------------------------------------------
-
-
-@provisioner_app.callback()
-def daemon(
-    ctx: typer.Context,
-    provisioners: Annotated[
-        list[str] | None,
-        typer.Option("--provisioner", help="A provisioner to serve (repeat). [default: echo]"),
-    ] = None,
-    tags: Annotated[
-        list[str] | None, typer.Option("--tag", help="Tag KEY=VALUE this daemon has (repeat).")
-    ] = None,
-    daemon_id: Annotated[
-        str, typer.Option("--id", help="Daemon id. [default: host name + a random suffix]")
-    ] = "",
-    work_dir: Annotated[
-        Path | None, typer.Option("--work-dir", help="Where jobs unpack templates.")
-    ] = None,
-    cancel_grace: Annotated[
-        float, typer.Option("--cancel-grace", min=0, help="Seconds a cancelled job may take.")
-    ] = 60.0,
-    max_jobs: Annotated[
-        int | None, typer.Option("--max-jobs", min=1, help="Exit after this many jobs.")
-    ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, ...")] = "info",
-) -> None:
-    """Take provisioner jobs from the server and run them, until interrupted.
-
-    First SIGINT/SIGTERM: take no more jobs and finish the one in hand;
-    a second one cancels it.
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from waystation.provisioner.base import load
-    from waystation.provisioner.daemon import DaemonSettings
-    from waystation.provisioner.run import default_daemon_id, run
-
-    configure_logging(log_level)
-    names = provisioners or ["echo"]
-    try:
-        loaded = load(names)
-    except KeyError as exc:
-        fail(str(exc.args[0]))
-    c: Context = ctx.obj
-    settings = DaemonSettings(
-        address=c.address,
-        token=c.connection.token,
-        tls=c.connection.tls,
-        tls_ca=c.connection.tls_ca,
-        tls_skip_verify=c.connection.tls_skip_verify,
-        daemon_id=daemon_id or default_daemon_id(),
-        provisioners=names,
-        tags=parse_pairs(tags or [], "--tag"),
-        work_dir=work_dir,
-        cancel_grace=cancel_grace,
-        max_jobs=max_jobs,
-    )
-    with rpc_errors(c, "provisioner daemon"):
-        run(settings, loaded)
-
-
-@provisioner_app.command("list")
-def daemons_list(ctx: typer.Context, as_json: Json = False) -> None:
-    """List provisioner daemons: connected or not, idle or busy."""
-    c: Context = ctx.obj
-    found = call(c, _stub(c).ListProvisionerDaemons, pv.ListProvisionerDaemonsRequest()).daemons
-    if as_json:
-        return print_json(list(found))
-    rows = [
-        [
-            d.id,
-            ",".join(d.provisioners),
-            ",".join(f"{k}={v}" for k, v in sorted(d.tags.items())),
-            d.last_seen.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
-            ("busy: " + d.current_job_id)
-            if d.current_job_id
-            else ("idle" if d.online else "offline"),
-        ]
-        for d in found
-    ]
-    print_table(
-        ["id", "provisioners", "tags", "last seen", "status"], rows, "no provisioner daemons"
-    )
-
-
-@jobs_app.command("list")
-def jobs_list(
-    ctx: typer.Context,
-    include_done: Annotated[bool, typer.Option("--all", help="Include finished jobs.")] = False,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
-    as_json: Json = False,
-) -> None:
-    """List provisioner jobs; pending ones with their place in the queue or why they wait."""
-    c: Context = ctx.obj
-    request = pv.ListProvisionerJobsRequest(pending_only=not include_done, limit=limit)
-    found = call(c, _stub(c).ListProvisionerJobs, request).jobs
-    if as_json:
-        return print_json(list(found))
-    rows = [
-        [
-            j.id,
-            Job.Type.Name(j.type).lower(),
-            j.provisioner,
-            ",".join(f"{k}={v}" for k, v in sorted(j.tags.items())),
-            Job.Status.Name(j.status).lower(),
-            pending_text(j) or j.daemon_id,
-            failure_text(j),
-        ]
-        for j in found
-    ]
-    empty = "no provisioner jobs" if include_done else "no pending provisioner jobs"
-    print_table(["id", "type", "provisioner", "tags", "status", "where", "error"], rows, empty)
-
-
-@jobs_app.command("show")
-def jobs_show(ctx: typer.Context, job_id: str, as_json: Json = False) -> None:
-    """Show one provisioner job."""
-    c: Context = ctx.obj
-    job = call(c, _stub(c).GetProvisionerJob, pv.GetProvisionerJobRequest(id=job_id))
-    if as_json:
-        return print_json(job)
-    out.print(Text.assemble(("job ", "bold"), job.id, " ", status_text(job)))
-    out.print(f"type: {Job.Type.Name(job.type).lower()}; provisioner: {job.provisioner}")
-    for label, value in (
-        ("daemon", job.daemon_id),
-        ("error", failure_text(job)),
-        ("waiting", pending_text(job)),
-    ):
-        if value:
-            out.print(f"{label}: {value}")
-
-
-@jobs_app.command("watch")
-def jobs_watch(ctx: typer.Context, job_id: str) -> None:
-    """Follow a job's logs until it ends; exit 1 unless it succeeded."""
-    _exit_for(watch(ctx.obj, job_id))
-
-
-def _cancel(c: Context, job_id: str) -> None:
-    job = call(c, _stub(c).CancelProvisionerJob, pv.CancelProvisionerJobRequest(id=job_id))
-    err.print(Text.assemble(f"job {job.id}: ", status_text(job)))
-
-
-@jobs_app.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
-    """Cancel a job: pending ones end at once, running ones are asked to stop
-    (cancel again to end one now)."""
-    _cancel(ctx.obj, job_id)
 
 
 apps = {
     "template": template_app,
     "workspace": workspace_app,
     "quota": quota_app,
-    "provisioner": provisioner_app,
 }
