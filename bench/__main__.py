@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import ceiling, fanout, idle, jobs, peers, provision
+from bench import ceiling, fanout, idle, jobs, peers, provision, replicas
 from bench.common import Options, Results, machine
 
 SCENARIOS: dict[str, Callable[[Options, Results], None]] = {
@@ -23,6 +23,7 @@ SCENARIOS: dict[str, Callable[[Options, Results], None]] = {
     "idle": idle.run,
     "fanout": fanout.run,
     "peers": peers.run,
+    "replicas": replicas.run,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -51,7 +52,8 @@ def main() -> int:
 def report(results: Results, options: Options) -> str:
     ceiling_rate = results.get("ceiling", ceiling.UNARY)
     floor = results.get("ceiling", ceiling.FLOOR)
-    celery = results.get("peers", "Celery 5 + Redis, noop tasks/s")
+    celery_defaults = results.get("peers", peers.CELERY_DEFAULTS)
+    celery_fsync = results.get("peers", peers.CELERY_FSYNC)
     procrastinate = results.get("peers", "procrastinate + PostgreSQL, noop jobs/s")
     info = machine()
     lines = [
@@ -64,10 +66,13 @@ def report(results: Results, options: Options) -> str:
         f"fsync {'on' if options.fsync else 'off'}.",
         "",
         "| scenario | measure | value | unit | vs ceiling | vs protocol floor "
-        "| vs Celery | vs procrastinate | machine CPU a job | machine busy | note |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| vs Celery, Redis defaults | vs Celery, appendfsync always | vs procrastinate "
+        "| machine CPU a job | machine busy | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for f in results.figures:
+        if f.scenario == replicas.SCENARIO:
+            continue  # a table of their own, below
         per_second = f.unit.endswith("/s")
         against_ceiling = per_second and (
             f.scenario in ("jobs", "provision") or f.name == ceiling.FLOOR
@@ -76,16 +81,48 @@ def report(results: Results, options: Options) -> str:
             f"| {f.scenario} | {f.name} | {f.value:,.1f} | {f.unit} | "
             f"{_ratio(f.value, ceiling_rate) if against_ceiling else ''} | "
             f"{_ratio(f.value, floor) if per_second and f.scenario == 'jobs' else ''} | "
-            f"{_ratio(f.value, celery) if f.scenario == 'jobs' and per_second else ''} | "
+            f"{_ratio(f.value, celery_defaults) if f.scenario == 'jobs' and per_second else ''} | "
+            f"{_ratio(f.value, celery_fsync) if f.scenario == 'jobs' and per_second else ''} | "
             f"{_ratio(f.value, procrastinate) if f.scenario == 'jobs' and per_second else ''} | "
             f"{f'{f.cpu.ms_per_item:.2f} ms' if f.cpu else ''} | "
             f"{f'{f.cpu.busy:.0%}' if f.cpu else ''} | "
             f"{f.note} |"
         )
+    lines += replicas_table(results)
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():  # what the figures mean, kept by hand beside the generated table
         lines += ["", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+def replicas_table(results: Results) -> list[str]:
+    """The `replicas` figures, when measured: replicas on one PostgreSQL, against
+    one replica's jobs/s and against the issue's latency targets."""
+    figures = [f for f in results.figures if f.scenario == replicas.SCENARIO]
+    if not figures:
+        return []
+    one = results.get(replicas.SCENARIO, replicas.throughput_name(1))
+    lines = [
+        "",
+        "### Replicas on one PostgreSQL (`replicas`)",
+        "",
+        "| measure | value | unit | vs 1 replica | target | verdict "
+        "| machine CPU a job | machine busy | note |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|",
+    ]
+    for f in figures:
+        target = replicas.TARGETS_MS.get(f.name)
+        per_second = f.unit.endswith("/s")
+        lines.append(
+            f"| {f.name} | {f.value:,.1f} | {f.unit} | "
+            f"{_ratio(f.value, one) if per_second else ''} | "
+            f"{f'< {target:g} ms' if target else ''} | "
+            f"{('met' if f.value < target else 'missed') if target else ''} | "
+            f"{f'{f.cpu.ms_per_item:.2f} ms' if f.cpu else ''} | "
+            f"{f'{f.cpu.busy:.0%}' if f.cpu else ''} | "
+            f"{f.note} |"
+        )
+    return lines
 
 
 def _ratio(value: float, base: float | None) -> str:

@@ -1,12 +1,18 @@
 """The same noop workload through Celery 5 (Redis broker) and procrastinate (PostgreSQL).
 
-Same job count and worker count as `jobs` with 10 runner streams: N noop jobs
-queued one call each, timed from the first queue call until the last job has
-completed. The worker is a process of its own (Celery: prefork pool of 10;
-procrastinate: concurrency 10), started and warmed up before the clock
-starts; the producer is another process. Durability follows the bench's
-fsync option: with fsync on (the default) Redis appends every write with
-`appendfsync always` and PostgreSQL runs with fsync and synchronous commit.
+Same job count as `jobs`: N noop jobs queued one call each, timed from the
+first queue call until the last job has completed. The worker is a process of
+its own, started and warmed up before the clock starts; the producer is
+another process.
+
+Celery runs as its users run it: a prefork pool of one worker process per core
+(its default, `--concurrency` unset), twice: on Redis's default settings (no
+AOF: an acknowledged task may be lost in a crash) and on Redis with
+`appendonly yes`, `appendfsync always` (every write on disk before Redis
+answers, as durable as our fsync on). Each row says which it is; the first is
+the fair comparison for speed, the second for durability. procrastinate runs
+with concurrency 10 (as `jobs` with 10 runner streams) on PostgreSQL with
+fsync and synchronous commit, following the bench's fsync option.
 
 The scenario installs what it needs (pip, into this interpreter: celery[redis],
 procrastinate; Debian: redis-server, and PostgreSQL if missing, through
@@ -35,7 +41,15 @@ from bench.cpu import Spent
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_THROWAWAY = ROOT / "scripts" / "pg-throwaway"
-WORKERS = 10  # as `jobs` with 10 runner streams
+WORKERS = 10  # procrastinate's concurrency, as `jobs` with 10 runner streams
+CELERY_PROCESSES = os.cpu_count() or 1  # Celery's own default: one worker process per core
+# The two Celery rows (bench/__main__.py compares `jobs` with each).
+CELERY_DEFAULTS = "Celery 5 + Redis defaults (no AOF), noop tasks/s"
+CELERY_FSYNC = "Celery 5 + Redis appendfsync always, noop tasks/s"
+REDIS_SETTINGS = {
+    CELERY_DEFAULTS: [],  # Redis's defaults: no AOF, RDB snapshots now and then
+    CELERY_FSYNC: ["--appendonly", "yes", "--appendfsync", "always"],
+}
 INFLIGHT = 64  # queue calls in flight, as the `jobs` queuer
 TIMEOUT = 600  # seconds for one measured run
 
@@ -151,11 +165,11 @@ print(rate, used.ms_per_item, used.busy)
 """
 
 
-def celery(options: Options, results: Results, count: int) -> None:
+def celery(options: Options, results: Results, count: int, name: str) -> None:
+    """One Celery run on the Redis configuration `name` stands for."""
     _pip("celery[redis]>=5,<6")
     _apt("redis-server", "redis-server")
     port = free_port()
-    persist = ["--appendonly", "yes", "--appendfsync", "always"] if options.fsync else []
     with tempfile.TemporaryDirectory(prefix="bench-celery-") as tmp:
         env = _env(tmp)
         Path(tmp, "bench_celery.py").write_text(CELERY_APP.format(port=port))
@@ -163,21 +177,23 @@ def celery(options: Options, results: Results, count: int) -> None:
         producer.write_text(CELERY_PRODUCER.format(workers=WORKERS, timeout=TIMEOUT))
         redis_log, worker_log = Path(tmp, "redis.log"), Path(tmp, "worker.log")
         redis = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp]
-        redis += ["--save", "", *(persist or ["--appendonly", "no"])]
+        redis += REDIS_SETTINGS[name]
+        # No --concurrency: Celery's default, one worker process per core.
         worker = [sys.executable, "-m", "celery", "-A", "bench_celery", "worker"]
-        worker += ["--pool", "prefork", "--concurrency", str(WORKERS), "--loglevel", "warning"]
+        worker += ["--pool", "prefork", "--loglevel", "warning"]
         worker += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
         with _process(redis, redis_log, tmp, env):
             _wait_port(port)
             with _process(worker, worker_log, tmp, env):
                 rate, used = _produce(producer, count, tmp, env, [worker_log, redis_log])
-    persistence = "AOF fsync always" if options.fsync else "no persistence"
+    redis_kind = "AOF, appendfsync always" if REDIS_SETTINGS[name] else "Redis defaults, no AOF"
     results.add(
         "peers",
-        "Celery 5 + Redis, noop tasks/s",
+        name,
         rate,
         "jobs/s",
-        f"{count} tasks, prefork {WORKERS}, results in Redis, {persistence}",
+        f"{count} tasks, prefork {CELERY_PROCESSES} (one per core, Celery's default), "
+        f"results in Redis, {redis_kind}",
         used,
     )
 
@@ -250,7 +266,7 @@ asyncio.run(main(int(sys.argv[1])))
 
 
 @contextmanager
-def _postgres(options: Options) -> Iterator[str]:
+def throwaway_postgres(options: Options) -> Iterator[str]:
     """A throwaway PostgreSQL cluster (scripts/pg-throwaway); its URL."""
     with tempfile.TemporaryDirectory(prefix="bench-pg-", dir="/tmp") as tmp:
         os.chmod(tmp, 0o755)  # run as root, the cluster runs as `postgres`: let it in
@@ -283,7 +299,10 @@ def _postgres(options: Options) -> Iterator[str]:
 
 def procrastinate(options: Options, results: Results, count: int) -> None:
     _pip("procrastinate>=3,<4")
-    with _postgres(options) as url, tempfile.TemporaryDirectory(prefix="bench-proc-") as tmp:
+    with (
+        throwaway_postgres(options) as url,
+        tempfile.TemporaryDirectory(prefix="bench-proc-") as tmp,
+    ):
         env = _env(tmp)
         Path(tmp, "bench_procrastinate.py").write_text(
             PROCRASTINATE_APP.format(url=url, pool=WORKERS + 2)
@@ -315,5 +334,6 @@ def procrastinate(options: Options, results: Results, count: int) -> None:
 
 def run(options: Options, results: Results) -> None:
     count = options.scale(5000, 1000)
-    celery(options, results, count)
+    celery(options, results, count, CELERY_DEFAULTS)
+    celery(options, results, count, CELERY_FSYNC)
     procrastinate(options, results, count)
