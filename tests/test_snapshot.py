@@ -21,7 +21,7 @@ import grpc
 import pytest
 from google.protobuf.empty_pb2 import Empty
 from grpc import aio
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from waystation import testing as t
@@ -357,6 +357,7 @@ def test_any_damage_to_a_snapshot_is_invalid_argument_and_nothing_else(tmp_path:
         spool = io.BytesIO()
         db.run_sync(lambda conn: snapshot.write(conn, spool, vs.VersionInfo(version="t")))
         good = spool.getvalue()
+        plain = gzip.decompress(good)
         path = tmp_path / "candidate"
         path.write_bytes(good)
         assert db.run_sync(lambda conn: snapshot.verify_file(conn, path)) >= 1
@@ -375,6 +376,13 @@ def test_any_damage_to_a_snapshot_is_invalid_argument_and_nothing_else(tmp_path:
             )
         )
         def damaged_is_refused(data: bytes) -> None:
+            # Deflate ignores the padding bits after a final block: a flip there
+            # leaves the same snapshot, which is not damage.
+            try:
+                same = gzip.decompress(data) == plain
+            except Exception:
+                same = False
+            assume(not same)
             path.write_bytes(data)
             with pytest.raises(InvalidArgument, match=r"^snapshot: "):
                 db.run_sync(lambda conn: snapshot.verify_file(conn, path))
