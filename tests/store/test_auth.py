@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy.engine import Connection
 
-from waystation.errors import FailedPrecondition
+from waystation.core.roles import LEGACY_USER, Role
+from waystation.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from waystation.store import Store
+from waystation.store import auth as auth_tx
+from waystation.store import users as users_tx
+from waystation.store.migrate import alembic_config
+from waystation.store.schema import server_flags
 
 from .conftest import Reopen, now_us
 
@@ -51,3 +59,75 @@ async def test_blocking_key_verbs_for_a_stopped_server(store: Store) -> None:
     first = listed[0][0]
     await asyncio.to_thread(store.key_retire_now, first, now_us())
     assert list(await store.keys_active()) == [rotated]
+
+
+# -- users (issue #21) ---------------------------------------------------------
+
+
+async def test_bootstrap_makes_the_first_admin(store: Store, reopen: Reopen) -> None:
+    assert await store.token_bootstrap(now_us(), "Root") is not None
+    store = await reopen()
+    user = await store.user_get("root")  # names ignore case
+    assert (user.name, user.role, user.disabled) == ("Root", Role.ADMIN, False)
+
+
+async def test_users_are_created_changed_disabled_and_deleted(store: Store, reopen: Reopen) -> None:
+    await store.user_create("boss", Role.ADMIN, now_us())
+    alice = await store.user_create("Alice", Role.MEMBER, now_us())
+    assert alice.role is Role.MEMBER
+    with pytest.raises(AlreadyExists):
+        await store.user_create("ALICE", Role.RUNNER, now_us())
+    with pytest.raises(InvalidArgument):
+        await store.user_create("no spaces", Role.MEMBER, now_us())
+    assert (await store.user_ensure("alice", Role.RUNNER, now_us())).role is Role.MEMBER
+    assert (await store.user_ensure("ci-1", Role.RUNNER, now_us())).role is Role.RUNNER
+    await store.user_set_role("alice", Role.PROVISIONER)
+    await store.user_disable("alice", now_us())
+    store = await reopen()
+    assert [(u.name, u.role, u.disabled) for u in await store.user_list()] == [
+        ("Alice", Role.PROVISIONER, True),
+        ("boss", Role.ADMIN, False),
+        ("ci-1", Role.RUNNER, False),
+    ]
+    assert await store.token_standing(TOKEN_ID, "ALICE") == (False, await store.user_get("alice"))
+    await store.user_delete("alice")
+    with pytest.raises(NotFound):
+        await store.user_get("alice")
+    assert await store.token_standing(TOKEN_ID, "alice") == (False, None)
+    await store.token_revoke(TOKEN_ID, now_us())
+    assert await store.token_standing(TOKEN_ID, "boss") == (True, None)
+
+
+async def test_the_last_enabled_admin_stays(store: Store) -> None:
+    await store.user_create("boss", Role.ADMIN, now_us())
+    for refused in (
+        store.user_set_role("boss", Role.MEMBER),
+        store.user_disable("boss", now_us()),
+        store.user_delete("boss"),
+    ):
+        with pytest.raises(FailedPrecondition):
+            await refused
+    await store.user_create("other", Role.ADMIN, now_us())
+    await store.user_disable("boss", now_us())
+    assert (await store.user_get("boss")).disabled
+
+
+def test_an_upgraded_server_keeps_its_tokens_user_as_an_admin(backend_url: str) -> None:
+    """Migration 0006 upgrades a database in place: a server bootstrapped before
+    it gets upstream's one user, `vagrant`, as an admin; a fresh one gets none."""
+    store = Store.open(backend_url)
+    try:
+
+        def check(conn: Connection) -> None:
+            command.downgrade(alembic_config(conn), "0005")
+            command.upgrade(alembic_config(conn), "0006")
+            assert users_tx.user_list(conn) == []  # not bootstrapped: bootstrap makes one
+            command.downgrade(alembic_config(conn), "0005")
+            conn.execute(sa.insert(server_flags).values(name="bootstrapped", set_at=7))
+            command.upgrade(alembic_config(conn), "head")
+            assert users_tx.user_list(conn) == [users_tx.User(LEGACY_USER, Role.ADMIN, 7)]
+            assert auth_tx.bootstrap(conn, 8) is None
+
+        store._db.run_sync(check)
+    finally:
+        asyncio.run(store.close())

@@ -14,8 +14,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
+from waystation.core.roles import BOOTSTRAP_USER, Role
 from waystation.errors import FailedPrecondition, NotFound
-from waystation.store.schema import auth_keys, revoked_tokens, server_flags
+from waystation.store.schema import auth_keys, revoked_tokens, server_flags, users
 
 KEY_BYTES = 32
 
@@ -93,13 +94,18 @@ def keys_list(conn: Connection) -> list[tuple[str, int, int | None]]:
     return [(r.id, r.created_at, r.retired_at) for r in rows]
 
 
-def bootstrap(conn: Connection, now: int) -> tuple[str, bytes] | None:
-    """The signing key the first time ever (on any replica), None afterwards.
+def bootstrap(conn: Connection, now: int, user: str = BOOTSTRAP_USER) -> tuple[str, bytes] | None:
+    """The signing key the first time ever (on any replica), None afterwards;
+    `user` becomes the first admin.
 
-    Flag and key in one transaction: a crash cannot leave the server marked
-    bootstrapped with no way to sign the bootstrap token."""
+    Flag, key and user in one transaction: a crash cannot leave the server marked
+    bootstrapped with no way to sign the bootstrap token, or no admin to name."""
     if not _insert_if_absent(conn, server_flags, name="bootstrapped", set_at=now):
         return None
+    # An admin of that name may be there already (made by the upgrade to 0006).
+    _insert_if_absent(
+        conn, users, name_key=user.lower(), name=user, role=Role.ADMIN.value, created_at=now
+    )
     return signing_key(conn, now)
 
 

@@ -189,6 +189,19 @@ revoked_tokens = sa.Table(
     sa.Column("revoked_at", sa.BigInteger, nullable=False),
 )
 
+users = sa.Table(
+    "users",
+    metadata,
+    # Names are unique ignoring case; `name_key` is the lowercased name, and
+    # Token.user carries the name as created.
+    sa.Column("name_key", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),  # core.roles.Role
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    # A disabled user's tokens are refused at once: the guard reads this row per call.
+    sa.Column("disabled_at", sa.BigInteger),
+)
+
 
 # -- provisioning (Coder-style templates, workspaces and their jobs) ---------------
 # A provisioner job is a `jobs` row (state, times, holder, timers: the shared

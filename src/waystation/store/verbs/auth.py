@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from waystation.core.roles import BOOTSTRAP_USER, Role
 from waystation.store import auth as auth_tx
+from waystation.store import users as users_tx
+from waystation.store.users import User
 from waystation.store.verbs.base import Pending, Verbs
 
 
@@ -27,9 +30,11 @@ class AuthVerbs(Verbs):
         """(id, created, retired) of every key."""
         return self._db.read(auth_tx.keys_list)
 
-    def token_bootstrap(self, now: int) -> Pending[tuple[str, bytes] | None]:
-        """The key for the bootstrap token, once per server (None after)."""
-        return self._db.write(auth_tx.bootstrap, now)
+    def token_bootstrap(
+        self, now: int, user: str = BOOTSTRAP_USER
+    ) -> Pending[tuple[str, bytes] | None]:
+        """The key for the bootstrap token, once per server (None after); `user` the first admin."""
+        return self._db.write(auth_tx.bootstrap, now, user)
 
     def token_revoke(self, token_id: str, now: int) -> Pending[bool]:
         """Revoke a token by id; whether it was not revoked already."""
@@ -38,6 +43,40 @@ class AuthVerbs(Verbs):
     def token_is_revoked(self, token_id: str) -> Pending[bool]:
         """Whether a token id is revoked."""
         return self._db.read(auth_tx.is_revoked, token_id)
+
+    def token_standing(self, token_id: str, user: str) -> Pending[tuple[bool, User | None]]:
+        """Whether a token id is revoked, and its user's row (None if absent): per call."""
+        return self._db.read(users_tx.token_standing, token_id, user)
+
+    # -- users -----------------------------------------------------------------
+
+    def user_create(self, name: str, role: Role, now: int) -> Pending[User]:
+        """A new user (AlreadyExists when the name, ignoring case, is taken)."""
+        return self._db.write(users_tx.user_create, name, role, now)
+
+    def user_ensure(self, name: str, role: Role, now: int) -> Pending[User]:
+        """The user named so, created with `role` if absent."""
+        return self._db.write(users_tx.user_ensure, name, role, now)
+
+    def user_get(self, name: str) -> Pending[User]:
+        """One user, by name ignoring case (NotFound)."""
+        return self._db.read(users_tx.user_get, name)
+
+    def user_list(self) -> Pending[list[User]]:
+        """Every user, by name."""
+        return self._db.read(users_tx.user_list)
+
+    def user_set_role(self, name: str, role: Role) -> Pending[User]:
+        """Change a user's role (not the last enabled admin's)."""
+        return self._db.write(users_tx.user_set_role, name, role)
+
+    def user_disable(self, name: str, now: int) -> Pending[User]:
+        """Disable a user: their tokens are refused from now on."""
+        return self._db.write(users_tx.user_disable, name, now)
+
+    def user_delete(self, name: str) -> Pending[None]:
+        """Delete a user (not the last enabled admin)."""
+        return self._db.write(users_tx.user_delete, name)
 
     # Without an event loop: `waystation server keys` on a stopped server.
 
