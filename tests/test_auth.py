@@ -348,7 +348,7 @@ async def test_invite_is_not_a_login_token_and_expires(
 
 async def test_entrypoint_token_reaches_no_normal_method(server: RunningServer, token: str) -> None:
     key_id, key = await signing_key(server)
-    body = tokens.login_token(entrypoint=vs.Token.Entrypoint(deployment_id="d-1"))
+    body = tokens.login_token("admin", entrypoint=vs.Token.Entrypoint(deployment_id="d-1"))
     text = tokens.encode(body, key_id, key)
     code, details = await list_with(server.address, text)
     assert (code, details) == (
@@ -372,7 +372,7 @@ async def test_token_signed_by_a_retired_key(server: RunningServer, token: str) 
     assert await server.store.key_rotate(now_us()) == "k2"
     await server.store.key_retire("k1", now_us())
     # Signed with k1 after its retirement, e.g. by a stale replica or a stolen key.
-    text = tokens.encode(tokens.login_token(), old_id, old_key)
+    text = tokens.encode(tokens.login_token("admin"), old_id, old_key)
     await poll_status(server.address, text, (UNAUTHENTICATED, tokens.UNKNOWN_KEY))
     await poll_status(server.address, token, (UNAUTHENTICATED, tokens.UNKNOWN_KEY))
 
@@ -496,7 +496,7 @@ async def test_bootstrap_only_once(server: RunningServer, token: str, plain: aio
     exc = await t.expect_status(stub.BootstrapToken(Empty(), metadata=md), PERMISSION_DENIED)
     assert exc.details() == "server is already bootstrapped"
     claims, key_id = tokens.unverified(token)
-    assert (claims.login, claims.user, key_id) == (True, "vagrant", "k1")
+    assert (claims.login, claims.user, key_id) == (True, "admin", "k1")
     assert len(claims.token_id) == tokens.TOKEN_ID_SIZE
 
 

@@ -192,7 +192,7 @@ def test_invite_login_inspect_revoke_and_contexts(
     # `token inspect` shows the id that `token revoke` takes.
     ident = tokens.token_id_hex(tokens.unverified(login)[0])
     rows = table(ok(mine, "token", "inspect"))
-    assert rows[0][:3] == [ident, "login", "vagrant"]
+    assert rows[0][:3] == [ident, "login", "admin"]  # no --user: the inviter
     rows = table(ok(mine, "token", "inspect", invite))
     assert rows[0][:2] == [tokens.token_id_hex(claims), "invite"]
 
@@ -271,7 +271,7 @@ def test_whoami_logout_and_context_delete(
     # Decoded here, confirmed by the server.
     assert labelled(ok(config, "whoami")) == {
         "server": f"{address} (context work)",
-        "user": "vagrant",
+        "user": "admin",
         "token id": ident,
         "expires": "never",
         "server says": "accepted",
@@ -279,7 +279,7 @@ def test_whoami_logout_and_context_delete(
     assert json.loads(ok(config, "whoami", "--json")) == {
         "address": address,
         "context": "work",
-        "user": "vagrant",
+        "user": "admin",
         "token_id": ident,
         "kind": "login",
         "expires": None,
@@ -287,7 +287,7 @@ def test_whoami_logout_and_context_delete(
         "refused_because": None,
     }
     inspected = json.loads(ok(config, "token", "inspect", invite, "--json"))
-    assert inspected["kind"] == "invite" and inspected["user"] == ""
+    assert inspected["kind"] == "invite" and inspected["user"] == "admin"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", inspected["valid_until"])
     assert json.loads(ok(config, "token", "inspect", "--json"))["id"] == ident
 

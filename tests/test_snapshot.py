@@ -242,7 +242,11 @@ async def test_rows_that_break_constraints_stop_the_start_and_change_nothing(
     twice = Snap.BoltChunk(bucket="server_flags", items={'["x"]': b'{"name":"x","set_at":1}'})
     data = twice.SerializeToString()
     extra = bytes([len(data)]) + data
-    framed[-2:-2] = [extra, extra]  # before the final chunk
+    # Right after the snapshot's own server_flags chunk, where its order allows them.
+    at = 1 + next(
+        i for i, m in enumerate(framed) if b"server_flags" in body(m) and b"bootstrapped" in m
+    )
+    framed[at:at] = [extra, extra]
     digest = hashlib.sha256(b"".join(framed[:-1])).hexdigest()
     trailer = Snap.Trailer(sha256=digest).SerializeToString()
     forged = gzip.compress(b"".join(framed[:-1]) + bytes([len(trailer)]) + trailer)

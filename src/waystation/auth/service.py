@@ -12,16 +12,19 @@ from typing import Any
 from grpc import aio
 
 from waystation.auth import tokens
+from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, Role, user_name_problem
 from waystation.core.timeouts import now_us
 from waystation.core.wire import AUTHORIZATION
 from waystation.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
+from waystation.store.users import User
 
 # Active keys are cached this long: a key retired elsewhere stops working
 # within it. Revocations are looked up on every call, so they act at once.
 KEY_CACHE_SECONDS = 2.0
 MAX_METADATA = 1024
+REVOKED = tokens.ERROR_PREFIX + "token has been revoked"
 
 NEVER = -1e9  # when the keys were last read, before the first time
 
@@ -57,15 +60,34 @@ class Authenticator:
 
     async def verify(self, text: str) -> vs.Token:
         """The token's claims, or Unauthenticated with a precise reason."""
-        token, _ = await self._decode(text)
-        await self._not_revoked(token)
+        token, _ = await self.authenticate(text)
         return token
 
-    async def _not_revoked(self, token: vs.Token) -> None:
-        # Looked up on every call, not cached: a revocation acts at once everywhere.
-        revoked: bool = await self.store.token_is_revoked(token.token_id.hex())
+    async def authenticate(self, text: str) -> tuple[vs.Token, User | None]:
+        """The token's claims and its user (None for an invite, which names no
+        user yet), or Unauthenticated: revoked, or its user deleted or disabled."""
+        token, _ = await self._decode(text)
+        if token.invite:
+            await self._not_revoked(token)
+            return token, None
+        return token, await self._standing(token)
+
+    async def _standing(self, token: vs.Token) -> User:
+        # Read on every call, never cached: a revocation, a disabled or deleted
+        # user and a new role act at once on every replica.
+        revoked, user = await self.store.token_standing(tokens.token_id_hex(token), token.user)
         if revoked:
-            raise Unauthenticated("invalid authentication token: token has been revoked")
+            raise Unauthenticated(REVOKED)
+        if user is None:
+            raise Unauthenticated(f"{tokens.ERROR_PREFIX}its user {token.user!r} does not exist")
+        if user.disabled:
+            raise Unauthenticated(f"{tokens.ERROR_PREFIX}its user {user.name} is disabled")
+        return user
+
+    async def _not_revoked(self, token: vs.Token) -> None:
+        revoked: bool = await self.store.token_is_revoked(tokens.token_id_hex(token))
+        if revoked:
+            raise Unauthenticated(REVOKED)
 
     async def mint(
         self,
@@ -77,20 +99,31 @@ class Authenticator:
         key_id, key = await self.store.key_signing(now_us())
         return _minted(token, key_id, key, metadata, how, **fields)
 
-    async def bootstrap(self) -> str:
-        key = await self.store.token_bootstrap(now_us())
+    async def bootstrap(self, user: str = BOOTSTRAP_USER) -> str:
+        """The first token, for `user`, the first admin; PermissionDenied after."""
+        problem = user_name_problem(user)
+        if problem:
+            raise InvalidArgument(f"invalid user name {user!r}: {problem}")
+        key = await self.store.token_bootstrap(now_us(), user)
         if key is None:
             raise PermissionDenied("server is already bootstrapped")
-        return _minted(tokens.login_token(), *key, None, "bootstrap")
+        return _minted(tokens.login_token(user), *key, None, "bootstrap", user=user)
 
-    async def login(self, entrypoint: vs.Token.Entrypoint | None = None) -> str:
-        return await self.mint(tokens.login_token(entrypoint=entrypoint))
+    async def login(self, user: str, entrypoint: vs.Token.Entrypoint | None = None) -> str:
+        """A login token for `user` (as the store spells the name)."""
+        return await self.mint(tokens.login_token(user, entrypoint=entrypoint), user=user)
 
     async def invite(
-        self, duration: datetime.timedelta, entrypoint: vs.Token.Entrypoint | None = None
+        self,
+        duration: datetime.timedelta,
+        entrypoint: vs.Token.Entrypoint | None = None,
+        *,
+        user: str,
     ) -> str:
+        """An invite that converts to a login token for `user`."""
         token = tokens.invite_token(duration, entrypoint=entrypoint, now=_now())
-        return await self.mint(token, how="invite")
+        token.user = user
+        return await self.mint(token, how="invite", user=user)
 
     async def convert_invite(self, text: str) -> str:
         token, transport = await self._decode(text)
@@ -102,8 +135,14 @@ class Authenticator:
         metadata = dict(transport.metadata)
         if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA:
             raise InvalidArgument(f"invite token metadata over {MAX_METADATA} bytes")
-        login = tokens.login_token(entrypoint=entrypoint)
-        return await self.mint(login, metadata, "convert", invite_id=tokens.token_id_hex(token))
+        # Invites made before users existed name none: they were the legacy user's.
+        name = token.user or LEGACY_USER
+        user = await self.store.user_ensure(name, Role.MEMBER, now_us())
+        if user.disabled:
+            raise PermissionDenied(f"the invite's user {user.name} is disabled")
+        login = tokens.login_token(user.name, entrypoint=entrypoint)
+        invite_id = tokens.token_id_hex(token)
+        return await self.mint(login, metadata, "convert", invite_id=invite_id, user=user.name)
 
     async def revoke(self, token_id_hex: str) -> bool:
         token_id = token_id_hex.lower()

@@ -14,6 +14,11 @@ AUTHORIZATION = "authorization"
 # server refuses a range it cannot overlap.
 API_PROTOCOL = "client-api-protocol"
 
+# Token RPCs (BootstrapToken, GenerateLoginToken, GenerateInviteToken): the
+# user the token is for, where upstream's requests have no field for it; absent,
+# the caller's own user (bootstrap: "admin").
+TOKEN_USER = "waystation-token-user"
+
 # ProvisionerDaemon calls: who the daemon is (upstream Coder puts the same
 # facts in its connection's query string).
 # Its id, required: jobs are owned by this id, so a daemon that reconnects

@@ -3,7 +3,10 @@
 Every RPC needs a valid token in the `authorization` metadata except the
 public ones (GetVersionInfo, BootstrapToken, ConvertInviteToken, health and
 reflection). Entrypoint tokens reach only `Entrypoint*` methods; invite tokens
-reach nothing but ConvertInviteToken. Vagrant methods other than
+reach nothing but ConvertInviteToken. A login token names its user; that user's
+row (read per call with the token's revocation) gives the role, and the policy
+table (auth/policy.py) says whether the role may call the method, before the
+handler runs; handlers read the caller with `current_principal`. Vagrant methods other than
 GetVersionInfo may carry `client-api-protocol: "<min>,<current>"`, refused
 when it cannot overlap the versions we speak.
 """
@@ -16,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from waystation.auth import policy, tokens
+from waystation.auth.policy import Principal
 from waystation.auth.service import Authenticator
 from waystation.core.wire import API_PROTOCOL, AUTHORIZATION
 from waystation.errors import Unauthenticated
 from waystation.server.errors import log_refused
+from waystation.server.principal import with_principal
 from waystation.server.vagrant import API_VERSION
 
 VAGRANT = "/hashicorp.vagrant.Vagrant/"
-PUBLIC_METHODS = frozenset(
-    VAGRANT + m for m in ("GetVersionInfo", "BootstrapToken", "ConvertInviteToken")
-)
+PUBLIC_METHODS = policy.PUBLIC
 PUBLIC_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -71,11 +75,11 @@ class Guard(_Interceptor):
                 method,
             )
         try:
-            token = await self.authenticator.verify(text.removeprefix("Bearer "))
+            token, user = await self.authenticator.authenticate(text.removeprefix("Bearer "))
         except Unauthenticated as exc:
             return refuse(handler, grpc.StatusCode.UNAUTHENTICATED, exc.message, method)
         name = method.rsplit("/", 1)[-1]
-        if token.invite:
+        if token.invite or user is None:
             return refuse(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -89,7 +93,18 @@ class Guard(_Interceptor):
                 "entrypoint tokens may only call Entrypoint methods",
                 method,
             )
-        return handler
+        principal = Principal(user.name, user.role, tokens.token_id_hex(token))
+        action = policy.action_of(method)
+        # A method the table lacks is refused, not let through: tests/test_policy.py
+        # keeps the table complete, this keeps a gap from being a hole.
+        problem = (
+            policy.refusal(action, principal)
+            if action
+            else "this call is in no policy: nobody may make it"
+        )
+        if problem:
+            return refuse(handler, grpc.StatusCode.PERMISSION_DENIED, problem, method)
+        return with_principal(handler, principal)
 
 
 def protocol_problem(method: str, header: str | None) -> str:

@@ -8,10 +8,13 @@ from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
 from waystation.auth.service import Authenticator
+from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, user_name_problem
+from waystation.core.wire import TOKEN_USER
 from waystation.durations import DurationError, parse_go_duration
-from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.errors import rpc
+from waystation.server.principal import current_principal
 
 Ctx = aio.ServicerContext[Any, Any]
 
@@ -21,11 +24,28 @@ class TokenRPCs:
 
     @rpc
     async def BootstrapToken(self, request: Empty, context: Ctx) -> vs.NewTokenResponse:
-        return vs.NewTokenResponse(token=await self.auth.bootstrap())
+        user = _token_user(context) or BOOTSTRAP_USER
+        return vs.NewTokenResponse(token=await self.auth.bootstrap(user))
 
     @rpc
     async def GenerateLoginToken(self, request: Empty, context: Ctx) -> vs.NewTokenResponse:
-        return vs.NewTokenResponse(token=await self.auth.login())
+        return vs.NewTokenResponse(token=await self.auth.login(await self._for_whom(context)))
+
+    async def _for_whom(self, context: Ctx) -> str:
+        """The user a token is minted for: the caller, or (admins only) whoever
+        they name; PermissionDenied for anyone else, NotFound for nobody."""
+        caller = current_principal(context)
+        named = _token_user(context)
+        if caller is None:  # auth is off: tokens are for whoever asks
+            return (await self.auth.store.user_get(named)).name if named else LEGACY_USER
+        if not named or named.lower() == caller.user.lower():
+            return caller.user
+        if not caller.admin:
+            raise PermissionDenied(
+                f"only an admin may mint a token for another user; your token's user "
+                f"{caller.user} is {caller.role.value}"
+            )
+        return (await self.auth.store.user_get(named)).name
 
     @rpc
     async def GenerateInviteToken(
@@ -40,7 +60,14 @@ class TokenRPCs:
         if duration.total_seconds() <= 0:
             raise InvalidArgument("invalid duration: it must be positive")
         entrypoint = request.entrypoint if request.HasField("entrypoint") else None
-        return vs.NewTokenResponse(token=await self.auth.invite(duration, entrypoint))
+        # The invited user need not exist yet: converting the invite creates them.
+        caller = current_principal(context)
+        user = _token_user(context) or (caller.user if caller else LEGACY_USER)
+        problem = user_name_problem(user)
+        if problem:
+            raise InvalidArgument(f"invalid user name {user!r}: {problem}")
+        token = await self.auth.invite(duration, entrypoint, user=user)
+        return vs.NewTokenResponse(token=token)
 
     @rpc
     async def ConvertInviteToken(
@@ -49,3 +76,8 @@ class TokenRPCs:
         if not request.token:
             raise FailedPrecondition("token is required")
         return vs.NewTokenResponse(token=await self.auth.convert_invite(request.token))
+
+
+def _token_user(context: Ctx) -> str:
+    value = dict(context.invocation_metadata() or ()).get(TOKEN_USER, "")
+    return value.strip() if isinstance(value, str) else ""
