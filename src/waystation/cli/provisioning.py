@@ -43,7 +43,9 @@ Params = Annotated[
 Owner = Annotated[
     str,
     typer.Option(
-        "--owner", envvar="WAYSTATION_USER", help="The workspace owner. [default: your user name]"
+        "--owner",
+        envvar="WAYSTATION_USER",
+        help="The workspace owner (others: admins only). [default: your token's user]",
     ),
 ]
 
@@ -56,8 +58,10 @@ def stub(c: Context) -> pv_grpc.ProvisioningStub:
     return pv_grpc.ProvisioningStub(c.channel)
 
 
-def _owner(owner: str) -> str:
-    return owner or getpass.getuser()
+def _owner(c: Context, owner: str) -> str:
+    # With a token the server takes the owner from it (naming another is for
+    # admins); a server with auth off knows no user, so the local one goes.
+    return owner or ("" if c.connection.token else getpass.getuser())
 
 
 def _params(pairs: list[str] | None) -> list[sdk.RichParameterValue]:
@@ -346,7 +350,7 @@ def workspace_create(
     """Create a workspace and start it."""
     c: Context = ctx.obj
     request = pv.CreateWorkspaceRequest(
-        name=name, owner=_owner(owner), template=template, rich_parameter_values=_params(params)
+        name=name, owner=_owner(c, owner), template=template, rich_parameter_values=_params(params)
     )
     _follow(c, call(c, stub(c).CreateWorkspace, request, about="create"), detach, as_json)
 
@@ -362,7 +366,7 @@ def _build(
 ) -> None:
     c: Context = ctx.obj
     request = pv.BuildWorkspaceRequest(
-        workspace=pv.WorkspaceRef(owner=_owner(owner), name=name),
+        workspace=pv.WorkspaceRef(owner=_owner(c, owner), name=name),
         transition=transition,
         rich_parameter_values=_params(params),
         template_version_id=version,
@@ -406,7 +410,7 @@ def workspace_delete(
 def workspace_cancel(ctx: typer.Context, name: str, owner: Owner = "") -> None:
     """Cancel the workspace's pending or running build."""
     c: Context = ctx.obj
-    ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
+    ref = pv.WorkspaceRef(owner=_owner(c, owner), name=name)
     shown = call(c, stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
     cancel_job(c, shown.workspace.latest_build.job_id)
 
@@ -439,7 +443,7 @@ def workspace_list(
 def workspace_show(ctx: typer.Context, name: str, owner: Owner = "", as_json: Json = False) -> None:
     """Show a workspace, its resources and its builds."""
     c: Context = ctx.obj
-    ref = pv.WorkspaceRef(owner=_owner(owner), name=name)
+    ref = pv.WorkspaceRef(owner=_owner(c, owner), name=name)
     shown = call(c, stub(c).GetWorkspace, pv.GetWorkspaceRequest(workspace=ref))
     if as_json:
         return print_json(shown)
@@ -476,7 +480,7 @@ def workspace_dry_run(
     request = pv.DryRunRequest(
         version=template,
         workspace_name=name,
-        owner=_owner(owner),
+        owner=_owner(c, owner),
         rich_parameter_values=_params(params),
     )
     job = call(c, stub(c).DryRun, request, about="dry run")

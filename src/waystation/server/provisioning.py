@@ -7,12 +7,15 @@ from typing import Any
 
 from grpc import aio
 
+from waystation.auth.policy import owner_refusal
 from waystation.core.timeouts import now_us
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import job_topic, output_topic, wait
+from waystation.errors import InvalidArgument, PermissionDenied
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.provisioner import archive
 from waystation.server.errors import rpc, stream_rpc
+from waystation.server.principal import current_principal
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import provisioner_queue as pq
 
@@ -65,6 +68,7 @@ class ProvisioningService:
     async def CreateWorkspace(
         self, request: pv.CreateWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
+        request.owner = _owner(context, request.owner)
         workspace, build = await self.engine.workspace_create(request)
         return pv.BuildResponse(workspace=workspace, build=build)
 
@@ -72,6 +76,7 @@ class ProvisioningService:
     async def BuildWorkspace(
         self, request: pv.BuildWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
+        await self._may_act_on(context, request.workspace)
         workspace, build = await self.engine.workspace_build(request)
         return pv.BuildResponse(workspace=workspace, build=build)
 
@@ -87,10 +92,13 @@ class ProvisioningService:
     async def GetWorkspace(
         self, request: pv.GetWorkspaceRequest, context: Ctx
     ) -> pv.GetWorkspaceResponse:
+        if not request.workspace.id:  # reading any owner's is fine; none given means yours
+            request.workspace.owner = _owner(context, request.workspace.owner, reading=True)
         return await self.store.workspace_show(request.workspace)
 
     @rpc
     async def DryRun(self, request: pv.DryRunRequest, context: Ctx) -> Job:
+        request.owner = _owner(context, request.owner)
         job_id = await self.engine.template_dry_run(request)
         return await self._job(job_id)
 
@@ -103,7 +111,7 @@ class ProvisioningService:
 
     @rpc
     async def GetQuota(self, request: pv.GetQuotaRequest, context: Ctx) -> pv.Quota:
-        return await self.store.quota_get(request.user)
+        return await self.store.quota_get(_owner(context, request.user, reading=True))
 
     # -- jobs and daemons ----------------------------------------------------
 
@@ -126,8 +134,25 @@ class ProvisioningService:
     async def CancelProvisionerJob(
         self, request: pv.CancelProvisionerJobRequest, context: Ctx
     ) -> Job:
+        caller = current_principal(context)
+        if caller is not None and not caller.admin:
+            job = await self._job(request.id)
+            # A workspace build is its owner's to cancel; other jobs anyone's.
+            if job.type == Job.WORKSPACE_BUILD:
+                _refuse(owner_refusal(caller, job.owner, f"job {job.id} (a workspace build)"))
         await self.engine.cancel(request.id, pq.KIND)
         return await self._job(request.id)
+
+    async def _may_act_on(self, context: Ctx, ref: pv.WorkspaceRef) -> None:
+        """A member acts on their own workspaces only; no owner given means theirs."""
+        if ref.id:
+            caller = current_principal(context)
+            if caller is not None and not caller.admin:
+                shown = await self.store.workspace_show(ref)
+                owner = shown.workspace.owner
+                _refuse(owner_refusal(caller, owner, f"workspace {shown.workspace.name}"))
+        else:
+            ref.owner = _owner(context, ref.owner)
 
     @rpc
     async def ListProvisionerDaemons(
@@ -165,3 +190,27 @@ class ProvisioningService:
                 if job.status in ENDED:
                     return
                 await wait(wake, self.engine.timeouts.poll)
+
+
+def _owner(context: Ctx, requested: str, *, reading: bool = False) -> str:
+    """The owner a call acts as: the caller's user, always, unless an admin names
+    another (or the call only reads). With auth off there is no caller: the
+    request must say."""
+    caller = current_principal(context)
+    if caller is None:
+        if not requested:
+            raise InvalidArgument("owner is required (this server has auth off)")
+        return requested
+    if not requested or requested.lower() == caller.user.lower():
+        return caller.user
+    if not reading and not caller.admin:
+        raise PermissionDenied(
+            f"acting as another owner ({requested}) needs the admin role; your token's user "
+            f"{caller.user} is a {caller.role.value}"
+        )
+    return requested
+
+
+def _refuse(problem: str) -> None:
+    if problem:
+        raise PermissionDenied(problem)
