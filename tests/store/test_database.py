@@ -186,7 +186,8 @@ def test_migrations_match_the_schema_and_downgrade_cleanly(backend_url: str) -> 
 
 def test_upgrade_gives_held_jobs_the_id_their_runner_registered(backend_url: str) -> None:
     """Migration 0005 upgrades a database in place: a job held before it says
-    which runner holds it as that runner registered, not lowercased."""
+    which runner holds it as that runner registered, not lowercased (and 0007,
+    which renames the columns, keeps both)."""
     store = Store.open(backend_url)
     try:
 
@@ -223,9 +224,7 @@ def test_upgrade_gives_held_jobs_the_id_their_runner_registered(backend_url: str
                     )
                 )
             command.upgrade(alembic_config(conn), "head")
-            rows = conn.execute(
-                sa.select(jobs.c.id, jobs.c.assigned_runner, jobs.c.assigned_runner_id)
-            )
+            rows = conn.execute(sa.select(jobs.c.id, jobs.c.holder_key, jobs.c.holder_id))
             assert sorted(rows) == [
                 ("held", "wscheck-runner-1", "WSCheck-Runner-1"),
                 ("queued", None, None),

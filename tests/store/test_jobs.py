@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from waystation import testing as t
+from waystation.core.states import JobState
 from waystation.errors import FailedPrecondition
 from waystation.protocol import plugin_pb2 as sdk
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -15,6 +16,13 @@ from waystation.store.jobs import CancelOutcome, Runner
 from .conftest import ACK, HEARTBEAT, Reopen, noop_job, now_us
 
 Job = vs.Job
+
+
+def test_job_states_keep_the_numbers_vagrant_gives_them() -> None:
+    """JobState's values are Job.State's, so rows written before it read the same
+    and the Vagrant front end sends them as they are."""
+    stored = {name: number for name, number in vs.Job.State.items() if name != "UNKNOWN"}
+    assert {s.name: int(s) for s in JobState} == stored
 
 
 async def test_queued_job_survives_a_restart(store: Store, reopen: Reopen) -> None:

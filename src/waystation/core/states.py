@@ -10,25 +10,45 @@ drives them.
 
 from __future__ import annotations
 
+from enum import IntEnum, StrEnum
+
 from google.rpc import code_pb2, status_pb2
 
-from waystation.protocol import vagrant_server_pb2 as vs
 
-State = vs.Job.State
-QUEUED = vs.Job.QUEUED
-WAITING = vs.Job.WAITING
-RUNNING = vs.Job.RUNNING
-ERROR = vs.Job.ERROR
-SUCCESS = vs.Job.SUCCESS
+class JobState(IntEnum):
+    """A job's state, for jobs of every kind: the values stored in jobs.state.
+
+    They equal vagrant_server's Job.State numbers (so no stored state changed
+    when this enum came); the front ends translate, the store and engine use
+    only this.
+    """
+
+    QUEUED = 1
+    WAITING = 2  # assigned to a runner, not yet acked (provisioner jobs skip it)
+    RUNNING = 3
+    ERROR = 4
+    SUCCESS = 5
+
+
+class JobKind(StrEnum):
+    """jobs.kind: which workers take the job; the kind decides only the payload."""
+
+    VAGRANT = "vagrant"  # runners, over hashicorp.vagrant.Vagrant
+    PROVISIONER = "provisioner"  # provisioner daemons, over provisionerd
+
+
+QUEUED = JobState.QUEUED
+WAITING = JobState.WAITING
+RUNNING = JobState.RUNNING
+ERROR = JobState.ERROR
+SUCCESS = JobState.SUCCESS
 
 ACTIVE = (QUEUED, WAITING, RUNNING)
 HELD = (WAITING, RUNNING)  # a runner has it
 FINAL = (ERROR, SUCCESS)
 
-# jobs.kind: which protocol's workers take the job. One table, one set of
-# states; the kind decides only the payload and who may acquire it.
-VAGRANT = "vagrant"  # runners, over hashicorp.vagrant.Vagrant
-PROVISIONER = "provisioner"  # provisioner daemons, over provisionerd
+VAGRANT = JobKind.VAGRANT
+PROVISIONER = JobKind.PROVISIONER
 
 OPERATIONS = ("noop", "auth", "docs", "validate", "command", "init")
 
@@ -58,4 +78,4 @@ def cancelled_status() -> status_pb2.Status:
 
 
 def state_name(state: int) -> str:
-    return vs.Job.State.Name(state)  # type: ignore[arg-type]
+    return JobState(state).name

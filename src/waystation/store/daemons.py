@@ -80,7 +80,7 @@ def daemons_list_rows(
 def daemons_list(conn: Connection, now: int) -> list[pv.ProvisionerDaemon]:
     busy = dict(
         conn.execute(
-            sa.select(jobs.c.assigned_runner, jobs.c.id).where(
+            sa.select(jobs.c.holder_key, jobs.c.id).where(
                 jobs.c.kind == KIND, jobs.c.state == RUNNING
             )
         ).all()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from waystation.core.states import FINAL, QUEUED, RUNNING, VAGRANT, WAITING
+from waystation.core.states import FINAL, PROVISIONER, QUEUED, RUNNING, VAGRANT, WAITING
 from waystation.store.jobs import REQUEUE, end_with_error
 from waystation.store.schema import job_output, jobs
 
@@ -49,10 +49,10 @@ def jobs_fire_timers(conn: Connection, now: int) -> Fired:
             requeued.append(job_id)
     timed_out = [
         j
-        for j in due(jobs.c.heartbeat_deadline, (RUNNING,))
+        for j in due(jobs.c.liveness_deadline, (RUNNING,))
         if end_with_error(conn, j, (RUNNING,), now)
     ]
-    hung = due(jobs.c.heartbeat_deadline, (RUNNING,), "provisioner")
+    hung = due(jobs.c.liveness_deadline, (RUNNING,), PROVISIONER)
     return Fired(expired, requeued, timed_out, hung)
 
 
@@ -66,7 +66,7 @@ def jobs_next_deadline(conn: Connection) -> int | None:
             sa.select(sa.func.min(jobs.c.ack_deadline)).where(jobs.c.state == WAITING)
         ).scalar(),
         conn.execute(
-            sa.select(sa.func.min(jobs.c.heartbeat_deadline)).where(jobs.c.state == RUNNING)
+            sa.select(sa.func.min(jobs.c.liveness_deadline)).where(jobs.c.state == RUNNING)
         ).scalar(),
     ]
     present = [c for c in candidates if c is not None]

@@ -278,8 +278,8 @@ _TAKE = Prepared(
     .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
     .values(
         state=WAITING,
-        assigned_runner=sa.bindparam("rid"),
-        assigned_runner_id=sa.bindparam("registered"),
+        holder_key=sa.bindparam("rid"),
+        holder_id=sa.bindparam("registered"),
         assign_time=sa.bindparam("now"),
         ack_deadline=sa.bindparam("deadline"),
     )
@@ -293,7 +293,7 @@ def _assignment(job_id: str, runner_id: str, assigned_at: int) -> sa.ColumnEleme
     return sa.and_(
         jobs.c.id == job_id,
         jobs.c.state == WAITING,
-        jobs.c.assigned_runner == runner_id.lower(),
+        jobs.c.holder_key == runner_id.lower(),
         jobs.c.assign_time == assigned_at,
     )
 
@@ -324,14 +324,14 @@ _ACK = Prepared(
     .where(
         jobs.c.id == sa.bindparam("id"),
         jobs.c.state == WAITING,
-        jobs.c.assigned_runner == sa.bindparam("rid"),
+        jobs.c.holder_key == sa.bindparam("rid"),
         jobs.c.assign_time == sa.bindparam("assigned_at"),
     )
     .values(
         state=RUNNING,
         ack_time=sa.bindparam("now"),
         ack_deadline=None,
-        heartbeat_deadline=sa.bindparam("deadline"),
+        liveness_deadline=sa.bindparam("deadline"),
     )
     .returning(*jobs.c)
 )
@@ -349,11 +349,11 @@ def job_nack(conn: Connection, job_id: str, runner_id: str, assigned_at: int) ->
 # A held job back to QUEUED (a nack here, the ack timeout in job_timers.py).
 REQUEUE = {
     "state": QUEUED,
-    "assigned_runner": None,
-    "assigned_runner_id": None,
+    "holder_key": None,
+    "holder_id": None,
     "assign_time": None,
     "ack_deadline": None,
-    "heartbeat_deadline": None,
+    "liveness_deadline": None,
 }
 
 
@@ -370,9 +370,9 @@ def job_heartbeat(
             .where(
                 jobs.c.id == job_id,
                 jobs.c.state == RUNNING,
-                jobs.c.assigned_runner == runner_id.lower(),
+                jobs.c.holder_key == runner_id.lower(),
             )
-            .values(heartbeat_deadline=now + heartbeat_timeout)
+            .values(liveness_deadline=now + heartbeat_timeout)
         ).rowcount
     )
 
@@ -402,9 +402,9 @@ _RESUME = Prepared(
         jobs.c.id == sa.bindparam("id"),
         jobs.c.kind == VAGRANT,
         jobs.c.state == RUNNING,
-        jobs.c.assigned_runner == sa.bindparam("rid"),
+        jobs.c.holder_key == sa.bindparam("rid"),
     )
-    .values(heartbeat_deadline=sa.bindparam("deadline"))
+    .values(liveness_deadline=sa.bindparam("deadline"))
     .returning(*jobs.c)
 )
 
@@ -431,7 +431,7 @@ def job_complete(
         return _message(JobRow._make(row))
     # Not done: say why.
     current = job_row(conn, job_id)
-    if current.assigned_runner != runner_id.lower():
+    if current.holder_key != runner_id.lower():
         raise FailedPrecondition("job is not assigned to this runner")
     raise FailedPrecondition(f"job can't be completed from state: {state_name(current.state)}")
 
@@ -442,13 +442,13 @@ _COMPLETE = Prepared(
         jobs.c.id == sa.bindparam("id"),
         jobs.c.kind == VAGRANT,
         jobs.c.state == RUNNING,
-        jobs.c.assigned_runner == sa.bindparam("rid"),
+        jobs.c.holder_key == sa.bindparam("rid"),
     )
     .values(
         state=sa.bindparam("new_state"),
         complete_time=sa.bindparam("now"),
         ack_deadline=None,
-        heartbeat_deadline=None,
+        liveness_deadline=None,
         error=sa.bindparam("new_error"),
         result=sa.bindparam("new_result"),
     )
@@ -467,7 +467,7 @@ def end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: 
                 cancel_time=sa.func.coalesce(jobs.c.cancel_time, now),
                 error=cancelled_status().SerializeToString(),
                 ack_deadline=None,
-                heartbeat_deadline=None,
+                liveness_deadline=None,
             )
         ).rowcount
     )
@@ -563,9 +563,9 @@ _ROW_LOCKED = Prepared(_by_id.with_for_update())
 def _message(row: Any) -> vs.Job:
     job = vs.Job.FromString(row.data)
     job.state = row.state
-    if row.assigned_runner:
+    if row.holder_key:
         # As the runner registered it; the lowercased key only matches.
-        job.assigned_runner.id = row.assigned_runner_id or row.assigned_runner
+        job.assigned_runner.id = row.holder_id or row.holder_key
     for column in (
         "queue_time",
         "assign_time",

@@ -111,10 +111,10 @@ _TAKE = Prepared(
     .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
     .values(
         state=RUNNING,
-        assigned_runner=sa.bindparam("daemon"),
+        holder_key=sa.bindparam("daemon"),
         assign_time=sa.bindparam("now"),
         ack_time=sa.bindparam("now"),
-        heartbeat_deadline=sa.bindparam("deadline"),
+        liveness_deadline=sa.bindparam("deadline"),
     )
 )
 
@@ -155,9 +155,9 @@ def job_owned(conn: Connection, job_id: str, daemon_id: str) -> Any:
     messages otherwise."""
     validate.required("job", "job_id", job_id)
     row = job_tx.job_row(conn, job_id, lock=True, kind=KIND)
-    if row.assigned_runner is None:
+    if row.holder_key is None:
         raise FailedPrecondition("job isn't running yet")
-    if row.assigned_runner != daemon_id:
+    if row.holder_key != daemon_id:
         raise PermissionDenied("you don't own this job")
     if row.state in FINAL:
         raise FailedPrecondition("job already completed")
@@ -174,7 +174,7 @@ def job_touch(conn: Connection, job_id: str, daemon_id: str, now: int, hang: int
 _TOUCH_JOB = Prepared(
     sa.update(jobs)
     .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == RUNNING)
-    .values(heartbeat_deadline=sa.bindparam("deadline"))
+    .values(liveness_deadline=sa.bindparam("deadline"))
 )
 _TOUCH_PROVISIONER_JOB = Prepared(
     sa.update(provisioner_jobs)
@@ -309,7 +309,7 @@ def _finish(
     values: dict[str, object] = {
         "state": state,
         "complete_time": now,
-        "heartbeat_deadline": None,
+        "liveness_deadline": None,
         "result": result,
     }
     if error is not None:
@@ -335,18 +335,18 @@ def jobs_fail_hung(conn: Connection, job_ids: Iterable[str], now: int, hang: flo
     span = f"{hang / 60:g} minutes" if hang >= 120 else f"{hang:g} seconds"
     for job_id in job_ids:
         row = conn.execute(
-            sa.select(jobs.c.assigned_runner)
+            sa.select(jobs.c.holder_key)
             .where(
                 jobs.c.id == job_id,
                 jobs.c.state == RUNNING,
-                jobs.c.heartbeat_deadline <= now,
+                jobs.c.liveness_deadline <= now,
             )
             .with_for_update()  # an UpdateJob appending logs meanwhile waits for us
         ).first()
         if row is None:
             continue
         why = (
-            f"no update from provisioner daemon {row.assigned_runner} for {span}:"
+            f"no update from provisioner daemon {row.holder_key} for {span}:"
             " the job is considered hung and has been failed"
         )
         output_append_logs(
@@ -371,7 +371,7 @@ def connection_broken(conn: Connection, job_id: str, daemon_id: str, now: int) -
     """An acquired job whose daemon's stream broke before it was sent: failed (upstream)."""
     row = conn.execute(
         sa.select(jobs.c.state).where(
-            jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.assigned_runner == daemon_id
+            jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.holder_key == daemon_id
         )
     ).first()
     if row is None:

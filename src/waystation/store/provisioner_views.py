@@ -60,7 +60,7 @@ def _job_message(row: Row[tuple[object, ...]]) -> Job:
         status=_status(row),
         provisioner=row.provisioner,
         tags=json.loads(row.tags),
-        daemon_id=row.assigned_runner or "",
+        daemon_id=row.holder_key or "",
         error_code=row.error_code or "",
         template_version_id=row.template_version_id,
         workspace_build_id=row.workspace_build_id or "",

@@ -100,11 +100,11 @@ jobs = sa.Table(
     sa.Column("target_id", sa.Text, index=True),
     # The runner it must run on, lowercased; NULL means any runner.
     sa.Column("runner_id", sa.Text),
-    # The runner (lowercased, as runners match ignoring case) or provisioner
-    # daemon (as it came) holding it.
-    sa.Column("assigned_runner", sa.Text),
+    # Who holds the job (WAITING or RUNNING), as holders match: a runner's id
+    # lowercased (runners match ignoring case), a provisioner daemon's as it came.
+    sa.Column("holder_key", sa.Text),
     # A runner holder's id exactly as it registered: what goes back on the wire.
-    sa.Column("assigned_runner_id", sa.Text),
+    sa.Column("holder_id", sa.Text),
     sa.Column("queue_time", sa.BigInteger, nullable=False),
     sa.Column("assign_time", sa.BigInteger),
     sa.Column("ack_time", sa.BigInteger),
@@ -114,7 +114,9 @@ jobs = sa.Table(
     # Timers are deadlines here, so they survive restarts and any replica may
     # fire them; each transition sets or clears them, so none goes stale.
     sa.Column("ack_deadline", sa.BigInteger, index=True),
-    sa.Column("heartbeat_deadline", sa.BigInteger, index=True),
+    # A RUNNING job's holder must be heard from by then: a runner's heartbeat
+    # timeout, a provisioner daemon's hang timeout (UpdateJob is its heartbeat).
+    sa.Column("liveness_deadline", sa.BigInteger, index=True),
     sa.Column("error", sa.LargeBinary),
     sa.Column("result", sa.LargeBinary),
     sa.Column("data", sa.LargeBinary, nullable=False),
