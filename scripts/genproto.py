@@ -43,6 +43,7 @@ GROUPS: list[tuple[list[Path], list[str]]] = [
             "provisionersdk/proto/provisioner.proto",
             "provisionerd/proto/provisionerd.proto",
             "waystation/v1/provisioning.proto",
+            "waystation/v1/users.proto",
         ],
     ),
 ]

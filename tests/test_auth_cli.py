@@ -272,6 +272,7 @@ def test_whoami_logout_and_context_delete(
     assert labelled(ok(config, "whoami")) == {
         "server": f"{address} (context work)",
         "user": "admin",
+        "role": "admin",
         "token id": ident,
         "expires": "never",
         "server says": "accepted",
@@ -280,6 +281,7 @@ def test_whoami_logout_and_context_delete(
         "address": address,
         "context": "work",
         "user": "admin",
+        "role": "admin",
         "token_id": ident,
         "kind": "login",
         "expires": None,

@@ -52,6 +52,8 @@ ACTIONS: Final[Mapping[str, frozenset[Role]]] = {
     "tokens.login": EVERYONE,
     "tokens.invite": ADMIN,
     "tokens.revoke": ADMIN,
+    "users.manage": ADMIN,
+    "users.whoami": EVERYONE,
     "snapshots.take": ADMIN,
     "snapshots.restore": ADMIN,
     "config.read": ADMIN,
@@ -64,6 +66,7 @@ _VAGRANT = "/hashicorp.vagrant.Vagrant/"
 _PROVISIONING = "/waystation.v1.Provisioning/"
 _ADMIN = "/waystation.v1.Admin/"
 _DAEMON = "/provisionerd.ProvisionerDaemon/"
+_USERS = "/waystation.v1.Users/"
 
 
 def _methods(prefix: str, action: str, *names: str) -> dict[str, str]:
@@ -128,6 +131,12 @@ METHODS: Final[Mapping[str, str]] = {
     **_methods(_ADMIN, "runners.read", "ListRunners"),
     **_methods(_ADMIN, "snapshots.take", "CreateSnapshot"),
     **_methods(_ADMIN, "snapshots.restore", "RestoreSnapshot"),
+    **_methods(
+        _USERS,
+        "users.manage",
+        *("CreateUser", "ListUsers", "GetUser", "SetUserRole", "DisableUser", "DeleteUser"),
+    ),
+    **_methods(_USERS, "users.whoami", "WhoAmI"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
 import grpc
@@ -19,10 +20,12 @@ from waystation.cli.output import (
     rpc_errors,
 )
 from waystation.client import Connection, Contexts
+from waystation.core.wire import TOKEN_USER
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
+from waystation.protocol.waystation.v1 import users_pb2_grpc as users_grpc
 
 token_app = typer.Typer(help="Mint and revoke tokens.", no_args_is_help=True)
 context_app = typer.Typer(help="Saved servers and their credentials.", no_args_is_help=True)
@@ -45,6 +48,9 @@ def login(
     tls_skip_verify: Annotated[
         bool, typer.Option("--tls-skip-verify", help="Trust any server certificate.")
     ] = False,
+    user: Annotated[
+        str, typer.Option("--user", help="Bootstrap: the first admin's name. [default: admin]")
+    ] = "",
 ) -> None:
     """Log in: bootstrap a fresh server, or turn an invite into a login token.
 
@@ -67,7 +73,8 @@ def login(
         token = call(c, stub.ConvertInviteToken, request).token
     else:
         try:
-            token = stub.BootstrapToken(Empty(), timeout=30).token
+            metadata = ((TOKEN_USER, user),) if user else ()
+            token = stub.BootstrapToken(Empty(), timeout=30, metadata=metadata).token
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                 fail(
@@ -95,18 +102,37 @@ def login(
 def invite_token(
     ctx: typer.Context,
     duration: Annotated[str, typer.Option("--duration", help="How long it is valid.")] = "24h",
+    user: Annotated[
+        str,
+        typer.Option("--user", help="Who it is for (made a member on first use). [default: you]"),
+    ] = "",
 ) -> None:
     """Mint an invite token for someone else to `waystation login --invite`."""
     c: Context = ctx.obj
     request = vs.InviteTokenRequest(duration=duration)
-    out.print(call(c, vs_grpc.VagrantStub(c.channel).GenerateInviteToken, request).token)
+    mint = functools.partial(
+        vs_grpc.VagrantStub(c.channel).GenerateInviteToken, metadata=_for_user(user)
+    )
+    out.print(call(c, mint, request).token)
 
 
 @token_app.command("login")
-def login_token(ctx: typer.Context) -> None:
-    """Mint a login token, e.g. for a runner (`waystation runner --token ...`)."""
+def login_token(
+    ctx: typer.Context,
+    user: Annotated[
+        str, typer.Option("--user", help="Who it is for (others: admins only). [default: you]")
+    ] = "",
+) -> None:
+    """Mint a login token, e.g. for a runner (`waystation token login --user ci-runner-1`)."""
     c: Context = ctx.obj
-    out.print(call(c, vs_grpc.VagrantStub(c.channel).GenerateLoginToken, Empty()).token)
+    mint = functools.partial(
+        vs_grpc.VagrantStub(c.channel).GenerateLoginToken, metadata=_for_user(user)
+    )
+    out.print(call(c, mint, Empty()).token)
+
+
+def _for_user(user: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_USER, user),) if user else ()
 
 
 def _claims(text: str) -> dict[str, Any]:
@@ -258,11 +284,12 @@ def whoami(ctx: typer.Context, as_json: Json = False) -> None:
     accepts the token (exit 1 if not)."""
     c: Context = ctx.obj
     claims = _claims(c.connection.token) if c.connection.token else None
-    refused = _refusal(c)
+    refused, role = _ask(c)
     info = {
         "address": c.address,
         "context": c.context_name or None,
         "user": claims["user"] if claims else None,
+        "role": role,
         "token_id": claims["id"] if claims else None,
         "kind": claims["kind"] if claims else None,
         "expires": claims["valid_until"] if claims else None,  # None: never
@@ -279,6 +306,7 @@ def whoami(ctx: typer.Context, as_json: Json = False) -> None:
         else:
             lines += [
                 ("user", claims["user"] or "-"),
+                ("role", role or "-"),
                 ("token id", claims["id"]),
                 ("expires", claims["valid_until"] or "never"),
             ]
@@ -291,6 +319,21 @@ def whoami(ctx: typer.Context, as_json: Json = False) -> None:
             out.print(f"{label + ':':<{width}} {value}", markup=False)
     if refused is not None:
         raise typer.Exit(1)
+
+
+def _ask(c: Context) -> tuple[str | None, str | None]:
+    """Whether the server accepts our token (None, or its reason) and the role of
+    its user (None if unknown), by WhoAmI: anyone may call it."""
+    try:
+        answer = users_grpc.UsersStub(c.channel).WhoAmI(Empty(), timeout=30)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # a server before users
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return exc.details() or exc.code().name, None
+            with rpc_errors(c):
+                raise
+        return _refusal(c), None
+    return None, answer.user.role or None
 
 
 def _refusal(c: Context) -> str | None:

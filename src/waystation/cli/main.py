@@ -12,7 +12,17 @@ from typing import Annotated
 import typer
 
 from waystation import __version__
-from waystation.cli import auth, jobs, provisioner, provisioning, runner, server, snapshot, state
+from waystation.cli import (
+    auth,
+    jobs,
+    provisioner,
+    provisioning,
+    runner,
+    server,
+    snapshot,
+    state,
+    users,
+)
 from waystation.cli.output import Context, fail
 from waystation.client import Connection, Contexts
 from waystation.core.settings import DEFAULT_ADDRESS
@@ -28,6 +38,7 @@ app.add_typer(server.app, name="server")
 app.add_typer(runner.app, name="runner")
 app.add_typer(jobs.app, name="job")
 app.add_typer(auth.token_app, name="token")
+app.add_typer(users.app, name="user")
 app.add_typer(auth.context_app, name="context")
 app.add_typer(snapshot.app, name="snapshot")
 app.command("login")(auth.login)

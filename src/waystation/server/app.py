@@ -27,7 +27,8 @@ from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionerd.proto import provisionerd_pb2_grpc as pd_grpc
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
-from waystation.server import admin, provisionerd, provisioning, vagrant
+from waystation.protocol.waystation.v1 import users_pb2_grpc as users_grpc
+from waystation.server import admin, provisionerd, provisioning, users, vagrant
 from waystation.server.auth import Guard
 from waystation.server.decoding import DecodeSafely
 from waystation.store import Store
@@ -35,7 +36,13 @@ from waystation.store.connect import open_store
 
 log = logging.getLogger(__name__)
 
-SERVICES = (vagrant.SERVICE, provisionerd.SERVICE, admin.SERVICE, provisioning.SERVICE)
+SERVICES = (
+    vagrant.SERVICE,
+    provisionerd.SERVICE,
+    admin.SERVICE,
+    provisioning.SERVICE,
+    users.SERVICE,
+)
 
 
 @dataclass
@@ -120,6 +127,9 @@ async def start(settings: ServerSettings) -> RunningServer:
             admin.AdminService(engine, authenticator, settings.data_dir, exit_requested.set),
         ),
         safe,
+    )
+    users_grpc.add_UsersServicer_to_server(
+        cast(users_grpc.UsersServicer, users.UsersService(store)), safe
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, safe)

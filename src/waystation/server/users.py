@@ -1,0 +1,91 @@
+"""`waystation.v1.Users`: users and their roles (issue #21). The guard lets
+only admins in, but to WhoAmI (auth/policy.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from waystation.core.roles import LEGACY_USER, Role
+from waystation.core.timeouts import now_us
+from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.protocol.waystation.v1 import users_pb2 as pu
+from waystation.server.errors import rpc
+from waystation.server.principal import current_principal
+from waystation.server.unimplemented import fill_unimplemented
+from waystation.store import Store
+from waystation.store.users import User
+
+DESCRIPTOR = pu.DESCRIPTOR.services_by_name["Users"]
+SERVICE = DESCRIPTOR.full_name
+Ctx = aio.ServicerContext[Any, Any]
+
+
+class UsersService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        fill_unimplemented(self, DESCRIPTOR)
+
+    @rpc
+    async def CreateUser(self, request: pu.CreateUserRequest, context: Ctx) -> pu.User:
+        return _message(await self.store.user_create(request.name, _role(request.role), now_us()))
+
+    @rpc
+    async def ListUsers(self, request: Empty, context: Ctx) -> pu.ListUsersResponse:
+        return pu.ListUsersResponse(users=[_message(u) for u in await self.store.user_list()])
+
+    @rpc
+    async def GetUser(self, request: pu.UserRef, context: Ctx) -> pu.User:
+        return _message(await self.store.user_get(request.name))
+
+    @rpc
+    async def SetUserRole(self, request: pu.SetUserRoleRequest, context: Ctx) -> pu.User:
+        return _message(await self.store.user_set_role(request.name, _role(request.role)))
+
+    @rpc
+    async def DisableUser(self, request: pu.UserRef, context: Ctx) -> pu.User:
+        return _message(await self.store.user_disable(request.name, now_us()))
+
+    @rpc
+    async def DeleteUser(self, request: pu.UserRef, context: Ctx) -> Empty:
+        await self.store.user_delete(request.name)
+        return Empty()
+
+    @rpc
+    async def WhoAmI(self, request: Empty, context: Ctx) -> pu.WhoAmIResponse:
+        caller = current_principal(context)
+        if caller is None:  # auth off: nobody to name; the legacy user stands for all
+            user = pu.User(name=LEGACY_USER, role=Role.ADMIN.value)
+            return pu.WhoAmIResponse(user=user)
+        found = await self.store.user_get(caller.user)
+        return pu.WhoAmIResponse(user=_message(found), token_id=caller.token_id)
+
+
+def _role(text: str) -> Role:
+    if not text:
+        raise FailedPrecondition("role is required: " + ", ".join(r.value for r in Role))
+    try:
+        return Role(text.lower())
+    except ValueError:
+        choices = ", ".join(r.value for r in Role)
+        raise InvalidArgument(f"unknown role {text!r}: one of {choices}") from None
+
+
+def _timestamp(micros: int) -> Timestamp:
+    seconds, rest = divmod(micros, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=rest * 1000)
+
+
+def _message(user: User) -> pu.User:
+    message = pu.User(
+        name=user.name,
+        role=user.role.value,
+        created_at=_timestamp(user.created_at),
+        disabled=user.disabled,
+    )
+    if user.disabled_at is not None:
+        message.disabled_at.CopyFrom(_timestamp(user.disabled_at))
+    return message

@@ -1,0 +1,61 @@
+"""Users and roles as people use them (issue #21): `waystation login --user`,
+`user create|list|get|set-role|disable|delete`, `token login --user`, whoami's
+role, by the CLI as a child process against `waystation server run`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.test_auth_cli import FreshServer, cli, error, labelled, ok, servers, table
+from waystation import testing as t
+
+__all__ = ["servers"]  # the fixture, imported for pytest
+
+
+def test_users_roles_and_their_tokens(
+    tmp_path: Path, servers: Callable[[t.ServerProcess], str]
+) -> None:
+    address = servers(FreshServer(tmp_path / "data", auth=True))
+    root = tmp_path / "root.json"
+    ok(root, "--address", address, "login", "--user", "root")
+    assert labelled(ok(root, "whoami"))["role"] == "admin"
+
+    ok(root, "user", "create", "alice")  # a member unless told
+    ok(root, "user", "create", "ci-runner-1", "--role", "runner")
+    assert [r[:2] for r in table(ok(root, "user", "list"))] == [
+        ["alice", "member"],
+        ["ci-runner-1", "runner"],
+        ["root", "admin"],
+    ]
+    listed = json.loads(ok(root, "user", "list", "--json"))
+    assert [u["name"] for u in listed] == ["alice", "ci-runner-1", "root"]
+    error(cli(root, "user", "create", "ALICE"), "already exists")
+    usage = cli(root, "user", "create", "bob", "--role", "boss")
+    assert usage.returncode == 2 and "'boss' is not one of" in usage.stderr
+
+    # An admin mints for anyone; the runner's token is a runner's.
+    runner_token = ok(root, "token", "login", "--user", "ci-runner-1").strip()
+    alice_token = ok(root, "token", "login", "--user", "alice").strip()
+    runner = ("--address", address, "--token", runner_token)
+    alice = ("--address", address, "--token", alice_token)
+    assert labelled(ok(root, *runner, "whoami"))["role"] == "runner"
+    assert json.loads(ok(root, *alice, "whoami", "--json"))["role"] == "member"
+
+    # A member manages no users and mints only for themselves.
+    error(
+        cli(root, *alice, "user", "list"),
+        "this call needs the admin role; your token's user alice is a member",
+    )
+    error(cli(root, *alice, "token", "login", "--user", "root"), "only an admin")
+    assert ok(root, *alice, "token", "login").strip()
+
+    ok(root, "user", "set-role", "alice", "admin")
+    assert labelled(ok(root, *alice, "whoami"))["role"] == "admin"
+    ok(root, "user", "disable", "alice")
+    assert "alice is disabled" in cli(root, *alice, "whoami").stdout
+    assert ok(root, "user", "get", "alice", "--json").count('"disabled": true') == 1
+    ok(root, "user", "delete", "alice")
+    error(cli(root, "user", "get", "alice"), "no user 'alice'")
+    error(cli(root, "user", "delete", "root"), "last enabled admin")
