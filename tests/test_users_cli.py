@@ -59,3 +59,29 @@ def test_users_roles_and_their_tokens(
     ok(root, "user", "delete", "alice")
     error(cli(root, "user", "get", "alice"), "no user 'alice'")
     error(cli(root, "user", "delete", "root"), "last enabled admin")
+
+
+def test_the_audit_log_says_who_did_what(
+    tmp_path: Path, servers: Callable[[t.ServerProcess], str]
+) -> None:
+    address = servers(FreshServer(tmp_path / "data", auth=True))
+    root = tmp_path / "root.json"
+    ok(root, "--address", address, "login", "--user", "root")
+    ok(root, "user", "create", "ci-runner-1", "--role", "runner")
+    runner_token = ok(root, "token", "login", "--user", "ci-runner-1").strip()
+    error(cli(root, "user", "create", "CI-RUNNER-1"), "already exists")  # no entry
+
+    rows = table(ok(root, "audit", "list"))
+    assert [(r[1], r[3]) for r in rows] == [
+        ("root", "token.login"),
+        ("root", "user.create"),
+        ("root", "token.bootstrap"),
+    ]
+    events = json.loads(ok(root, "audit", "list", "--action", "user.", "--json"))
+    assert [(e["action"], e["object"]) for e in events] == [("user.create", "ci-runner-1 (runner)")]
+    assert events[0]["peer"].startswith("ipv")
+    assert (
+        json.loads(ok(root, "audit", "list", "--user", "nobody", "--since", "1h", "--json")) == []
+    )
+    runner = ("--address", address, "--token", runner_token)
+    error(cli(root, *runner, "audit", "list"), "needs the admin role")

@@ -54,6 +54,7 @@ ACTIONS: Final[Mapping[str, frozenset[Role]]] = {
     "tokens.revoke": ADMIN,
     "users.manage": ADMIN,
     "users.whoami": EVERYONE,
+    "audit.read": ADMIN,
     "snapshots.take": ADMIN,
     "snapshots.restore": ADMIN,
     "config.read": ADMIN,
@@ -137,6 +138,7 @@ METHODS: Final[Mapping[str, str]] = {
         *("CreateUser", "ListUsers", "GetUser", "SetUserRole", "DisableUser", "DeleteUser"),
     ),
     **_methods(_USERS, "users.whoami", "WhoAmI"),
+    **_methods("/waystation.v1.Audit/", "audit.read", "ListAuditEvents"),
 }
 
 

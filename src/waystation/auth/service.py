@@ -12,7 +12,7 @@ from typing import Any
 from grpc import aio
 
 from waystation.auth import tokens
-from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, Role, user_name_problem
+from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, Actor, Role, user_name_problem
 from waystation.core.timeouts import now_us
 from waystation.core.wire import AUTHORIZATION
 from waystation.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -107,11 +107,28 @@ class Authenticator:
         key = await self.store.token_bootstrap(now_us(), user)
         if key is None:
             raise PermissionDenied("server is already bootstrapped")
-        return _minted(tokens.login_token(user), *key, None, "bootstrap", user=user)
+        token = tokens.login_token(user)
+        text = _minted(token, *key, None, "bootstrap", user=user)
+        await self._audit(Actor(user, tokens.token_id_hex(token)), "token.bootstrap", token)
+        return text
 
-    async def login(self, user: str, entrypoint: vs.Token.Entrypoint | None = None) -> str:
+    async def login(
+        self,
+        user: str,
+        entrypoint: vs.Token.Entrypoint | None = None,
+        actor: Actor | None = None,
+    ) -> str:
         """A login token for `user` (as the store spells the name)."""
-        return await self.mint(tokens.login_token(user, entrypoint=entrypoint), user=user)
+        token = tokens.login_token(user, entrypoint=entrypoint)
+        text = await self.mint(token, user=user)
+        await self._audit(actor, "token.login", token)
+        return text
+
+    async def _audit(self, actor: Actor | None, action: str, token: vs.Token) -> None:
+        # Minting writes no row (a token carries its own claims): its record stands alone.
+        if actor is not None:
+            obj = f"{tokens.token_id_hex(token)} for {token.user}"
+            await self.store.audit_record(actor, action, obj, now_us())
 
     async def invite(
         self,
@@ -119,11 +136,14 @@ class Authenticator:
         entrypoint: vs.Token.Entrypoint | None = None,
         *,
         user: str,
+        actor: Actor | None = None,
     ) -> str:
         """An invite that converts to a login token for `user`."""
         token = tokens.invite_token(duration, entrypoint=entrypoint, now=_now())
         token.user = user
-        return await self.mint(token, how="invite", user=user)
+        text = await self.mint(token, how="invite", user=user)
+        await self._audit(actor, "token.invite", token)
+        return text
 
     async def convert_invite(self, text: str) -> str:
         token, transport = await self._decode(text)
@@ -142,11 +162,13 @@ class Authenticator:
             raise PermissionDenied(f"the invite's user {user.name} is disabled")
         login = tokens.login_token(user.name, entrypoint=entrypoint)
         invite_id = tokens.token_id_hex(token)
-        return await self.mint(login, metadata, "convert", invite_id=invite_id, user=user.name)
+        text = await self.mint(login, metadata, "convert", invite_id=invite_id, user=user.name)
+        await self._audit(Actor(user.name, invite_id), "token.convert_invite", login)
+        return text
 
-    async def revoke(self, token_id_hex: str) -> bool:
+    async def revoke(self, token_id_hex: str, actor: Actor | None = None) -> bool:
         token_id = token_id_hex.lower()
-        revoked: bool = await self.store.token_revoke(token_id, now_us())
+        revoked: bool = await self.store.token_revoke(token_id, now_us(), actor)
         if revoked:
             log.info("revoked token %s", token_id, extra={"token_id": token_id})
         else:

@@ -58,6 +58,14 @@ def run(
             " (a duration, or seconds; 0: do not wait).",
         ),
     ] = "60s",
+    audit_retention: Annotated[
+        str,
+        typer.Option(
+            "--audit-retention",
+            envvar="WAYSTATION_AUDIT_RETENTION",
+            help="Keep audit log entries this long (a duration, or seconds).",
+        ),
+    ] = "2160h",
     fsync: Annotated[
         bool, typer.Option("--fsync/--no-fsync", help="Sync every commit to disk before answering.")
     ] = True,
@@ -243,6 +251,7 @@ def _settings(entries: dict[str, Setting]) -> ServerSettings:
         tls_key=value("tls_key"),
         metrics_listen=value("metrics_listen") or None,
         db_wait=_seconds(entries["db_wait"], allow_zero=True),
+        audit_retention=_seconds(entries["audit_retention"]),
         log_format=value("log_format"),
     )
 

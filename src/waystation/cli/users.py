@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Annotated
 
 import typer
 from google.protobuf.empty_pb2 import Empty
 
-from waystation.cli.output import Context, call, out, print_json, print_record, print_table, rfc3339
+from waystation.cli.output import (
+    Context,
+    call,
+    fail,
+    out,
+    print_json,
+    print_record,
+    print_table,
+    rfc3339,
+)
 from waystation.core.roles import Role
+from waystation.durations import DurationError, parse_go_duration
 from waystation.protocol.waystation.v1 import users_pb2 as pu
 from waystation.protocol.waystation.v1 import users_pb2_grpc as users_grpc
 
@@ -76,3 +87,39 @@ def delete(ctx: typer.Context, name: str) -> None:
     c: Context = ctx.obj
     call(c, stub(c).DeleteUser, pu.UserRef(name=name))
     out.print(f"deleted user {name}", markup=False)
+
+
+audit_app = typer.Typer(help="Who changed what (admins only).", no_args_is_help=True)
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option("--user", help="Only this user's.")] = "",
+    action: Annotated[
+        str, typer.Option("--action", help="Only this action (user.create), or prefix (user.).")
+    ] = "",
+    since: Annotated[
+        str, typer.Option("--since", help="Only this recent (a duration: 24h, 90m).")
+    ] = "",
+    limit: Annotated[int, typer.Option("--limit", help="Newest N.")] = 1000,
+    as_json: Json = False,
+) -> None:
+    """The audit log, newest first: time, user, token, action, object, outcome, peer."""
+    c: Context = ctx.obj
+    request = pu.ListAuditEventsRequest(user=user, action=action, limit=max(limit, 0))
+    if since:
+        try:
+            ago = parse_go_duration(since)
+        except DurationError as exc:
+            fail(f"invalid --since {since!r}: {exc}")
+        request.since.FromDatetime(datetime.datetime.now(datetime.UTC) - ago)
+    events = call(c, users_grpc.AuditStub(c.channel).ListAuditEvents, request).events
+    if as_json:
+        return print_json(list(events))
+    rows = [
+        [rfc3339(e.at), e.user, e.token_id[:8] or "-", e.action, e.object or "-", e.outcome, e.peer]
+        for e in events
+    ]
+    columns = ["TIME", "USER", "TOKEN", "ACTION", "OBJECT", "OUTCOME", "PEER"]
+    print_table(columns, rows, "no audit entries")

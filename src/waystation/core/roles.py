@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class Role(enum.StrEnum):
@@ -28,3 +29,12 @@ def user_name_problem(name: str) -> str:
     if not all(c.isalnum() or c in "-_.@" for c in name) or not name[0].isalnum():
         return "a user name starts with a letter or digit and holds only those and - _ . @"
     return ""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change, as the audit log records it (the store's view of a caller)."""
+
+    user: str
+    token_id: str = ""  # hex; empty for the local operator (`server keys`)
+    peer: str = ""  # the gRPC peer address

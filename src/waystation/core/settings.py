@@ -43,6 +43,8 @@ class ServerSettings:
     db_wait: float = 60.0
     # The server's log lines: "text" or "json" (one object a line).
     log_format: str = "text"
+    # Seconds audit log entries are kept (90 days); older ones are pruned hourly.
+    audit_retention: float = 90 * 24 * 3600.0
 
     @property
     def database_url(self) -> str:

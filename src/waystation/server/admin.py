@@ -22,6 +22,7 @@ from waystation.files import private_dir
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc, stream_rpc
+from waystation.server.principal import current_actor
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import snapshot
 
@@ -101,7 +102,8 @@ class AdminService:
         token_id = request.token_id.lower()
         if len(token_id) != 32 or any(c not in "0123456789abcdef" for c in token_id):
             raise InvalidArgument("token_id must be 32 hex digits (waystation token inspect)")
-        return admin.RevokeTokenResponse(revoked=await self.auth.revoke(token_id))
+        revoked = await self.auth.revoke(token_id, current_actor(context))
+        return admin.RevokeTokenResponse(revoked=revoked)
 
     @stream_rpc
     async def CreateSnapshot(
@@ -110,6 +112,9 @@ class AdminService:
         version = vs.VersionInfo(version=waystation.__version__)
         with tempfile.TemporaryFile() as spool:  # the read transaction ends before we stream
             await self.engine.store.snapshot_write(spool, version)
+            actor = current_actor(context)
+            if actor is not None:  # the snapshot reads only: its record is a write of its own
+                await self.store.audit_record(actor, "snapshot.take", "", now_us())
             spool.seek(0)
             yield vs.CreateSnapshotResponse(open=vs.CreateSnapshotResponse.Open())
             while chunk := spool.read(SNAPSHOT_CHUNK):
@@ -142,6 +147,9 @@ class AdminService:
         finally:
             partial.unlink(missing_ok=True)
         log.warning("snapshot staged at %s: it replaces the whole store at the next start", staged)
+        actor = current_actor(context)
+        if actor is not None:  # recorded now; the restore itself replaces this log too
+            await self.store.audit_record(actor, "snapshot.restore", str(staged), now_us())
         if first.open.exit:
             log.warning("shutting down, as the restore asked (open.exit)")
             self.exit_server()

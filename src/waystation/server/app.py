@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ import waystation
 from waystation.auth.service import Authenticator
 from waystation.core.limits import MAX_MESSAGE_BYTES
 from waystation.core.settings import ServerSettings, is_loopback
+from waystation.core.timeouts import now_us
 from waystation.engine.engine import JobEngine
 from waystation.files import warn_if_loose
 from waystation.metrics import RPCMetrics, serve_metrics
@@ -42,7 +44,10 @@ SERVICES = (
     admin.SERVICE,
     provisioning.SERVICE,
     users.SERVICE,
+    users.AUDIT_SERVICE,
 )
+
+AUDIT_PRUNE_SECONDS = 3600.0
 
 
 @dataclass
@@ -55,6 +60,7 @@ class RunningServer:
     stop_metrics: Callable[[], None] | None = None
     # Set to shut down: by SIGINT or SIGTERM, or by a restore with open.exit.
     exit_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    audit_pruner: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> Store:
@@ -65,6 +71,10 @@ class RunningServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.drain()  # no new assignments; idle runner streams end now
         await self.server.stop(grace)  # running jobs get the grace period to report
+        if self.audit_pruner is not None:
+            self.audit_pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.audit_pruner
         await self.engine.stop()
         await self.store.close()  # drains the write queue: in-flight writes finish
         if self.stop_metrics is not None:
@@ -131,6 +141,9 @@ async def start(settings: ServerSettings) -> RunningServer:
     users_grpc.add_UsersServicer_to_server(
         cast(users_grpc.UsersServicer, users.UsersService(store)), safe
     )
+    users_grpc.add_AuditServicer_to_server(
+        cast(users_grpc.AuditServicer, users.AuditService(store)), safe
+    )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, safe)
     # What reflection.enable_server_reflection does for an aio server, through `safe`.
@@ -164,9 +177,30 @@ async def start(settings: ServerSettings) -> RunningServer:
         )
     if not settings.tls_cert and not is_loopback(host):
         log.warning("listening beyond loopback without TLS: tokens cross the network in clear")
+    pruner = asyncio.create_task(prune_audit(store, settings.audit_retention), name="audit-prune")
     return RunningServer(
-        server, engine, health_servicer, address, metrics_address, stop_metrics, exit_requested
+        server,
+        engine,
+        health_servicer,
+        address,
+        metrics_address,
+        stop_metrics,
+        exit_requested,
+        pruner,
     )
+
+
+async def prune_audit(store: Store, retention: float, every: float = AUDIT_PRUNE_SECONDS) -> None:
+    """Delete audit entries older than `retention` seconds, now and every `every`.
+    Every replica does it; a delete of what another already deleted is harmless."""
+    while True:
+        try:
+            pruned = await store.audit_prune(now_us() - int(retention * 1_000_000))
+            if pruned:
+                log.info("pruned %d audit log entries", pruned, extra={"audit_pruned": pruned})
+        except Exception:  # a database away for a while: try again next time
+            log.exception("pruning the audit log failed")
+        await asyncio.sleep(every)
 
 
 async def serve(settings: ServerSettings) -> None:

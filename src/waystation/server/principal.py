@@ -12,8 +12,9 @@ import grpc
 from grpc import aio
 
 from waystation.auth.policy import Principal
+from waystation.core.roles import Actor
 
-__all__ = ["Principal", "current_principal", "with_principal"]
+__all__ = ["Principal", "current_actor", "current_principal", "with_principal"]
 
 # The caller of the RPC in hand, set by the guard in the RPC's own task; None
 # when auth is off (then there is nobody to tell apart).
@@ -28,6 +29,14 @@ def current_principal(context: aio.ServicerContext[Any, Any] | None = None) -> P
     if principal is not None and context is not None and not principal.peer:
         principal = Principal(principal.user, principal.role, principal.token_id, context.peer())
     return principal
+
+
+def current_actor(context: aio.ServicerContext[Any, Any]) -> Actor | None:
+    """The caller as the audit log records them; None when auth is off (nobody to name)."""
+    principal = current_principal(context)
+    if principal is None:
+        return None
+    return Actor(principal.user, principal.token_id, principal.peer)
 
 
 def with_principal(

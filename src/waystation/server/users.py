@@ -14,13 +14,16 @@ from waystation.core.timeouts import now_us
 from waystation.errors import FailedPrecondition, InvalidArgument
 from waystation.protocol.waystation.v1 import users_pb2 as pu
 from waystation.server.errors import rpc
-from waystation.server.principal import current_principal
+from waystation.server.principal import current_actor, current_principal
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import Store
 from waystation.store.users import User
 
 DESCRIPTOR = pu.DESCRIPTOR.services_by_name["Users"]
 SERVICE = DESCRIPTOR.full_name
+AUDIT_DESCRIPTOR = pu.DESCRIPTOR.services_by_name["Audit"]
+AUDIT_SERVICE = AUDIT_DESCRIPTOR.full_name
+MAX_AUDIT_LIST = 10_000
 Ctx = aio.ServicerContext[Any, Any]
 
 
@@ -31,7 +34,8 @@ class UsersService:
 
     @rpc
     async def CreateUser(self, request: pu.CreateUserRequest, context: Ctx) -> pu.User:
-        return _message(await self.store.user_create(request.name, _role(request.role), now_us()))
+        role, actor = _role(request.role), current_actor(context)
+        return _message(await self.store.user_create(request.name, role, now_us(), actor))
 
     @rpc
     async def ListUsers(self, request: Empty, context: Ctx) -> pu.ListUsersResponse:
@@ -43,15 +47,17 @@ class UsersService:
 
     @rpc
     async def SetUserRole(self, request: pu.SetUserRoleRequest, context: Ctx) -> pu.User:
-        return _message(await self.store.user_set_role(request.name, _role(request.role)))
+        role, actor = _role(request.role), current_actor(context)
+        return _message(await self.store.user_set_role(request.name, role, actor, now_us()))
 
     @rpc
     async def DisableUser(self, request: pu.UserRef, context: Ctx) -> pu.User:
-        return _message(await self.store.user_disable(request.name, now_us()))
+        actor = current_actor(context)
+        return _message(await self.store.user_disable(request.name, now_us(), actor))
 
     @rpc
     async def DeleteUser(self, request: pu.UserRef, context: Ctx) -> Empty:
-        await self.store.user_delete(request.name)
+        await self.store.user_delete(request.name, current_actor(context), now_us())
         return Empty()
 
     @rpc
@@ -62,6 +68,34 @@ class UsersService:
             return pu.WhoAmIResponse(user=user)
         found = await self.store.user_get(caller.user)
         return pu.WhoAmIResponse(user=_message(found), token_id=caller.token_id)
+
+
+class AuditService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        fill_unimplemented(self, AUDIT_DESCRIPTOR)
+
+    @rpc
+    async def ListAuditEvents(
+        self, request: pu.ListAuditEventsRequest, context: Ctx
+    ) -> pu.ListAuditEventsResponse:
+        since = request.since.ToMicroseconds() if request.HasField("since") else 0
+        limit = min(request.limit or 1000, MAX_AUDIT_LIST)
+        found = await self.store.audit_list(request.user, request.action, since, limit)
+        return pu.ListAuditEventsResponse(
+            events=[
+                pu.AuditEvent(
+                    at=_timestamp(e.at),
+                    user=e.user,
+                    token_id=e.token_id,
+                    action=e.action,
+                    object=e.object,
+                    outcome=e.outcome,
+                    peer=e.peer,
+                )
+                for e in found
+            ]
+        )
 
 
 def _role(text: str) -> Role:

@@ -14,7 +14,7 @@ from waystation.durations import DurationError, parse_go_duration
 from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.errors import rpc
-from waystation.server.principal import current_principal
+from waystation.server.principal import current_actor, current_principal
 
 Ctx = aio.ServicerContext[Any, Any]
 
@@ -29,7 +29,9 @@ class TokenRPCs:
 
     @rpc
     async def GenerateLoginToken(self, request: Empty, context: Ctx) -> vs.NewTokenResponse:
-        return vs.NewTokenResponse(token=await self.auth.login(await self._for_whom(context)))
+        user = await self._for_whom(context)
+        token = await self.auth.login(user, actor=current_actor(context))
+        return vs.NewTokenResponse(token=token)
 
     async def _for_whom(self, context: Ctx) -> str:
         """The user a token is minted for: the caller, or (admins only) whoever
@@ -66,7 +68,9 @@ class TokenRPCs:
         problem = user_name_problem(user)
         if problem:
             raise InvalidArgument(f"invalid user name {user!r}: {problem}")
-        token = await self.auth.invite(duration, entrypoint, user=user)
+        token = await self.auth.invite(
+            duration, entrypoint, user=user, actor=current_actor(context)
+        )
         return vs.NewTokenResponse(token=token)
 
     @rpc

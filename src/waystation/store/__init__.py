@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from waystation.files import private_dir, private_file
 from waystation.store.database import Database
 from waystation.store.migrate import upgrade
+from waystation.store.verbs.audit import AuditVerbs
 from waystation.store.verbs.auth import AuthVerbs
 from waystation.store.verbs.jobs import JobVerbs
 from waystation.store.verbs.provisioning import (
@@ -58,6 +59,7 @@ class Store(
     DaemonVerbs,
     ProvisionerJobVerbs,
     AuthVerbs,
+    AuditVerbs,
     SnapshotVerbs,
 ):
     """Every verb of the store; open one with `Store.open(url)`."""

@@ -204,6 +204,21 @@ users = sa.Table(
     sa.Column("disabled_at", sa.BigInteger),
 )
 
+# Who changed what (issue #21): written in the transaction of the change it
+# records, so a change that fails leaves none; pruned after the retention.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("at", sa.BigInteger, nullable=False, index=True),
+    sa.Column("user", sa.Text, nullable=False),
+    sa.Column("token_id", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),  # e.g. user.create, token.revoke
+    sa.Column("object", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("peer", sa.Text, nullable=False),
+)
+
 
 # -- provisioning (Coder-style templates, workspaces and their jobs) ---------------
 # A provisioner job is a `jobs` row (state, times, holder, timers: the shared

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from waystation.core.roles import BOOTSTRAP_USER, Role
+from waystation.core.roles import BOOTSTRAP_USER, Actor, Role
 from waystation.store import auth as auth_tx
 from waystation.store import users as users_tx
+from waystation.store.audit import audited
 from waystation.store.users import User
 from waystation.store.verbs.base import Pending, Verbs
 
@@ -36,9 +37,11 @@ class AuthVerbs(Verbs):
         """The key for the bootstrap token, once per server (None after); `user` the first admin."""
         return self._db.write(auth_tx.bootstrap, now, user)
 
-    def token_revoke(self, token_id: str, now: int) -> Pending[bool]:
+    def token_revoke(self, token_id: str, now: int, actor: Actor | None = None) -> Pending[bool]:
         """Revoke a token by id; whether it was not revoked already."""
-        return self._db.write(auth_tx.revoke, token_id, now)
+        return self._db.write(
+            audited, actor, "token.revoke", token_id, now, auth_tx.revoke, token_id, now
+        )
 
     def token_is_revoked(self, token_id: str) -> Pending[bool]:
         """Whether a token id is revoked."""
@@ -50,9 +53,21 @@ class AuthVerbs(Verbs):
 
     # -- users -----------------------------------------------------------------
 
-    def user_create(self, name: str, role: Role, now: int) -> Pending[User]:
+    def user_create(
+        self, name: str, role: Role, now: int, actor: Actor | None = None
+    ) -> Pending[User]:
         """A new user (AlreadyExists when the name, ignoring case, is taken)."""
-        return self._db.write(users_tx.user_create, name, role, now)
+        return self._db.write(
+            audited,
+            actor,
+            "user.create",
+            f"{name} ({role})",
+            now,
+            users_tx.user_create,
+            name,
+            role,
+            now,
+        )
 
     def user_ensure(self, name: str, role: Role, now: int) -> Pending[User]:
         """The user named so, created with `role` if absent."""
@@ -66,17 +81,24 @@ class AuthVerbs(Verbs):
         """Every user, by name."""
         return self._db.read(users_tx.user_list)
 
-    def user_set_role(self, name: str, role: Role) -> Pending[User]:
+    def user_set_role(
+        self, name: str, role: Role, actor: Actor | None = None, now: int = 0
+    ) -> Pending[User]:
         """Change a user's role (not the last enabled admin's)."""
-        return self._db.write(users_tx.user_set_role, name, role)
+        obj = f"{name} -> {role}"
+        return self._db.write(
+            audited, actor, "user.set_role", obj, now, users_tx.user_set_role, name, role
+        )
 
-    def user_disable(self, name: str, now: int) -> Pending[User]:
+    def user_disable(self, name: str, now: int, actor: Actor | None = None) -> Pending[User]:
         """Disable a user: their tokens are refused from now on."""
-        return self._db.write(users_tx.user_disable, name, now)
+        return self._db.write(
+            audited, actor, "user.disable", name, now, users_tx.user_disable, name, now
+        )
 
-    def user_delete(self, name: str) -> Pending[None]:
+    def user_delete(self, name: str, actor: Actor | None = None, now: int = 0) -> Pending[None]:
         """Delete a user (not the last enabled admin)."""
-        return self._db.write(users_tx.user_delete, name)
+        return self._db.write(audited, actor, "user.delete", name, now, users_tx.user_delete, name)
 
     # Without an event loop: `waystation server keys` on a stopped server.
 

@@ -357,3 +357,81 @@ class Users:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AuditStub:
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAuditEvents = channel.unary_unary(
+                '/waystation.v1.Audit/ListAuditEvents',
+                request_serializer=waystation_dot_v1_dot_users__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=waystation_dot_v1_dot_users__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+
+
+class AuditServicer:
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    def ListAuditEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=waystation_dot_v1_dot_users__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=waystation_dot_v1_dot_users__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'waystation.v1.Audit', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('waystation.v1.Audit', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Audit:
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Audit/ListAuditEvents',
+            waystation_dot_v1_dot_users__pb2.ListAuditEventsRequest.SerializeToString,
+            waystation_dot_v1_dot_users__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -111,3 +111,37 @@ class UsersServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_users_pb2.WhoAmIResponse, _abc.Awaitable[_users_pb2.WhoAmIResponse]]: ...
 
 def add_UsersServicer_to_server(servicer: UsersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AuditStub:
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditAsyncStub: ...
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListAuditEventsRequest, _users_pb2.ListAuditEventsResponse]
+
+@_typing.type_check_only
+class AuditAsyncStub(AuditStub):
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_users_pb2.ListAuditEventsRequest, _users_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+
+class AuditServicer(metaclass=_abc_1.ABCMeta):
+    """Who changed what (admins only): users, tokens, keys, snapshots, ... Each entry
+    is written in the transaction of the change it records.
+    """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _users_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.ListAuditEventsResponse, _abc.Awaitable[_users_pb2.ListAuditEventsResponse]]: ...
+
+def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
