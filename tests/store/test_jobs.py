@@ -104,7 +104,7 @@ async def test_timers_fire_after_a_restart(store: Store, reopen: Reopen) -> None
     store = await reopen()
     deadline = await store.jobs_next_deadline()
     assert deadline == now + 1_000
-    fired = await store.jobs_fire_timers(now + ACK + 1)
+    fired = await store.jobs_fire_timers(now + ACK + 1, 300.0)
     assert fired.expired == [expiring]
     assert fired.requeued == [waiting]
     assert (await store.job_get(waiting)).state == Job.QUEUED

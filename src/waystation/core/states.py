@@ -37,6 +37,18 @@ class JobKind(StrEnum):
     PROVISIONER = "provisioner"  # provisioner daemons, over provisionerd
 
 
+class Ending(StrEnum):
+    """How a job ended: every ending goes through the store's one finish path."""
+
+    COMPLETED = "completed"  # its holder reported success
+    FAILED = "failed"  # its holder reported an error (or its payload was too big)
+    CANCELLED = "cancelled"  # cancelled while queued, or cancelled twice
+    EXPIRED = "expired"  # not acked before expires_in
+    TIMED_OUT = "timed out"  # a runner's heartbeats stopped
+    HUNG = "hung"  # a provisioner daemon's updates stopped
+    BROKEN = "broken"  # the daemon's call went away before the job reached it
+
+
 QUEUED = JobState.QUEUED
 WAITING = JobState.WAITING
 RUNNING = JobState.RUNNING

@@ -547,7 +547,7 @@ class JobEngine:
             self._next_timer = None
 
     async def _fire_timers(self) -> None:
-        fired = await self.store.jobs_fire_timers(now_us())
+        fired = await self.store.jobs_fire_timers(now_us(), self.timeouts.provisioner_hang)
         if not fired:
             return
         for job_id in (*fired.expired, *fired.requeued, *fired.timed_out):
@@ -555,17 +555,14 @@ class JobEngine:
         if fired.requeued or fired.timed_out or fired.expired:
             await self._wake_from_db()
         if fired.hung:
-            hang = self.timeouts.provisioner_hang
-            hung = await self.store.provisioner_jobs_fail_hung(fired.hung, now_us(), hang)
-            for job_id in hung:
+            for job_id in fired.hung:
                 self.feed.publish(job_topic(job_id))
                 self.feed.publish(output_topic(job_id))
-            if hung:
-                log.warning(
-                    "provisioner jobs failed as hung: %s",
-                    ", ".join(hung),
-                    extra={"job_ids": list(hung)},
-                )
+            log.warning(
+                "provisioner jobs failed as hung: %s",
+                ", ".join(fired.hung),
+                extra={"job_ids": list(fired.hung)},
+            )
         if fired.timed_out:
             log.warning(
                 "jobs ended by the heartbeat timeout: %s",

@@ -1,5 +1,6 @@
-"""Job timers and pruning: expiry, ack and heartbeat deadlines fired in one
-transaction (after a restart too), and finished runner jobs pruned."""
+"""Job timers and pruning: every due deadline of every kind (expiry, ack,
+heartbeat, hang) fired in one transaction (after a restart too), and finished
+runner jobs pruned."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from waystation.core.states import FINAL, PROVISIONER, QUEUED, RUNNING, VAGRANT, WAITING
-from waystation.store.jobs import REQUEUE, end_with_error
+from waystation.core.states import FINAL, PROVISIONER, QUEUED, RUNNING, VAGRANT, WAITING, Ending
+from waystation.store.jobs import REQUEUE
+from waystation.store.lifecycle import Outcome, job_finish
+from waystation.store.provisioner_jobs import jobs_fail_hung
 from waystation.store.schema import job_output, jobs
 
 
@@ -18,15 +21,15 @@ class Fired:
     expired: list[str]  # QUEUED or WAITING past expire_time: now ERROR
     requeued: list[str]  # WAITING past the ack deadline: QUEUED again
     timed_out: list[str]  # RUNNING past the heartbeat deadline: ERROR
-    # Provisioner jobs past their hang deadline, for store.provisioner_jobs to fail
-    # with the reason logged.
-    hung: list[str]
+    hung: list[str]  # provisioner jobs past their hang deadline: failed, the reason logged
 
     def __bool__(self) -> bool:
         return bool(self.expired or self.requeued or self.timed_out or self.hung)
 
 
-def jobs_fire_timers(conn: Connection, now: int) -> Fired:
+def jobs_fire_timers(conn: Connection, now: int, hang: float) -> Fired:
+    """Every due deadline; `hang` (seconds) is the hang timeout, for its log line."""
+
     def due(column: sa.Column[int], states: tuple[int, ...], kind: str = VAGRANT) -> list[str]:
         return list(
             conn.execute(
@@ -39,7 +42,7 @@ def jobs_fire_timers(conn: Connection, now: int) -> Fired:
     expired = [
         j
         for j in due(jobs.c.expire_time, (QUEUED, WAITING))
-        if end_with_error(conn, j, (QUEUED, WAITING), now)
+        if job_finish(conn, j, now, Outcome(Ending.EXPIRED), states=(QUEUED, WAITING))
     ]
     requeued = []
     for job_id in due(jobs.c.ack_deadline, (WAITING,)):
@@ -50,9 +53,9 @@ def jobs_fire_timers(conn: Connection, now: int) -> Fired:
     timed_out = [
         j
         for j in due(jobs.c.liveness_deadline, (RUNNING,))
-        if end_with_error(conn, j, (RUNNING,), now)
+        if job_finish(conn, j, now, Outcome(Ending.TIMED_OUT), states=(RUNNING,))
     ]
-    hung = due(jobs.c.liveness_deadline, (RUNNING,), PROVISIONER)
+    hung = jobs_fail_hung(conn, due(jobs.c.liveness_deadline, (RUNNING,), PROVISIONER), now, hang)
     return Fired(expired, requeued, timed_out, hung)
 
 

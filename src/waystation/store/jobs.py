@@ -19,14 +19,12 @@ from google.rpc import status_pb2
 from sqlalchemy.engine import Connection
 
 from waystation.core.states import (
-    ERROR,
     FINAL,
     HELD,
     QUEUED,
     RUNNING,
-    SUCCESS,
     WAITING,
-    cancelled_status,
+    Ending,
     serialization_key,
     state_name,
 )
@@ -35,6 +33,7 @@ from waystation.errors import FailedPrecondition, NotFound
 from waystation.ids import new_id
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import resources
+from waystation.store.lifecycle import Outcome, job_finish
 from waystation.store.prepared import Prepared
 from waystation.store.schema import bases, jobs, projects
 
@@ -418,14 +417,13 @@ def job_complete(
     error: status_pb2.Status | None,
 ) -> vs.Job:
     """RUNNING -> SUCCESS with a result, or ERROR with an error."""
-    row = _COMPLETE.one(
-        conn,
-        id=job_id,
-        rid=runner_id.lower(),
-        new_state=ERROR if error is not None else SUCCESS,
-        now=now,
-        new_error=error.SerializeToString() if error is not None else None,
-        new_result=result.SerializeToString() if result is not None else None,
+    outcome = Outcome(
+        Ending.FAILED if error is not None else Ending.COMPLETED,
+        result=result.SerializeToString() if result is not None else None,
+        error=error,
+    )
+    row = job_finish(
+        conn, job_id, now, outcome, states=(RUNNING,), holder_key=runner_id.lower(), kind=VAGRANT
     )
     if row is not None:
         return _message(JobRow._make(row))
@@ -434,43 +432,6 @@ def job_complete(
     if current.holder_key != runner_id.lower():
         raise FailedPrecondition("job is not assigned to this runner")
     raise FailedPrecondition(f"job can't be completed from state: {state_name(current.state)}")
-
-
-_COMPLETE = Prepared(
-    sa.update(jobs)
-    .where(
-        jobs.c.id == sa.bindparam("id"),
-        jobs.c.kind == VAGRANT,
-        jobs.c.state == RUNNING,
-        jobs.c.holder_key == sa.bindparam("rid"),
-    )
-    .values(
-        state=sa.bindparam("new_state"),
-        complete_time=sa.bindparam("now"),
-        ack_deadline=None,
-        liveness_deadline=None,
-        error=sa.bindparam("new_error"),
-        result=sa.bindparam("new_result"),
-    )
-    .returning(*jobs.c)
-)
-
-
-def end_with_error(conn: Connection, job_id: str, states: tuple[int, ...], now: int) -> bool:
-    return bool(
-        conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_(states))
-            .values(
-                state=ERROR,
-                complete_time=now,
-                cancel_time=sa.func.coalesce(jobs.c.cancel_time, now),
-                error=cancelled_status().SerializeToString(),
-                ack_deadline=None,
-                liveness_deadline=None,
-            )
-        ).rowcount
-    )
 
 
 # -- cancel ----------------------------------------------------------------------
@@ -488,13 +449,13 @@ def job_cancel(conn: Connection, job_id: str, now: int, kind: str = "vagrant") -
     if row.state in FINAL:
         outcome = CancelOutcome.NOTHING
     elif row.state == QUEUED:
-        end_with_error(conn, job_id, (QUEUED,), now)
+        job_finish(conn, job_id, now, Outcome(Ending.CANCELLED), states=(QUEUED,))
         outcome = CancelOutcome.ENDED
     elif row.cancel_time is None:
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(cancel_time=now))
         outcome = CancelOutcome.SIGNALLED
     else:
-        end_with_error(conn, job_id, HELD, now)
+        job_finish(conn, job_id, now, Outcome(Ending.CANCELLED), states=HELD)
         outcome = CancelOutcome.FORCED
     return outcome
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from google.rpc import code_pb2, status_pb2
 from sqlalchemy.engine import Connection
 
 from waystation import validate
 from waystation.core.limits import MAX_MESSAGE_BYTES
-from waystation.core.states import ERROR, FINAL, QUEUED, RUNNING, SUCCESS
+from waystation.core.states import FINAL, QUEUED, RUNNING, Ending
 from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
@@ -27,6 +26,7 @@ from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import jobs as job_tx
 from waystation.store import output as output_tx
 from waystation.store.daemons import daemon_seen
+from waystation.store.lifecycle import Outcome, job_finish
 from waystation.store.prepared import Prepared
 from waystation.store.provisioner_queue import (
     KIND,
@@ -93,13 +93,8 @@ def job_acquire(
         job = _acquired(conn, job_id)
         size = job.ByteSize()
         if size > MAX_MESSAGE_BYTES - 64 * 1024:
-            _finish(
-                conn,
-                job_id,
-                now,
-                ERROR,
-                error=f"the job's payload is {size} bytes: more than the 4 MiB message limit",
-            )
+            too_big = f"the job's payload is {size} bytes: more than the 4 MiB message limit"
+            job_finish(conn, job_id, now, Outcome.failed(too_big), states=(RUNNING,))
             failed.append(job_id)
             continue
         return job, failed
@@ -256,7 +251,8 @@ def job_complete(conn: Connection, daemon_id: str, completed: pd.CompletedJob, n
         _build_done(
             conn, row.id, completed.workspace_build.state, completed.workspace_build.resources, now
         )
-    _finish(conn, row.id, now, SUCCESS, result=completed.SerializeToString(deterministic=True))
+    result = completed.SerializeToString(deterministic=True)
+    job_finish(conn, row.id, now, Outcome(Ending.COMPLETED, result=result), states=_ENDABLE)
 
 
 def _build_done(
@@ -293,44 +289,17 @@ def job_fail(conn: Connection, daemon_id: str, failed: pd.FailedJob, now: int) -
         raise InvalidArgument(f"type payload is {which}, but the job is a {row.operation}")
     if which == WORKSPACE_BUILD and failed.workspace_build.state:
         _build_done(conn, row.id, failed.workspace_build.state, None, now)  # partial state
-    _finish(conn, row.id, now, ERROR, error=failed.error or "failed", error_code=failed.error_code)
+    outcome = Outcome.failed(failed.error or "failed", failed.error_code)
+    job_finish(conn, row.id, now, outcome, states=_ENDABLE)
 
 
-def _finish(
-    conn: Connection,
-    job_id: str,
-    now: int,
-    state: int,
-    *,
-    error: str | None = None,
-    error_code: str = "",
-    result: bytes | None = None,
-) -> None:
-    values: dict[str, object] = {
-        "state": state,
-        "complete_time": now,
-        "liveness_deadline": None,
-        "result": result,
-    }
-    if error is not None:
-        values["error"] = status_pb2.Status(
-            code=code_pb2.UNKNOWN, message=error
-        ).SerializeToString()
-    conn.execute(
-        sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.state.in_((QUEUED, RUNNING)))
-        .values(values)
-    )
-    if error_code:
-        conn.execute(
-            sa.update(provisioner_jobs)
-            .where(provisioner_jobs.c.job_id == job_id)
-            .values(error_code=error_code)
-        )
+# A provisioner job ends from QUEUED or RUNNING (it is never WAITING).
+_ENDABLE = (QUEUED, RUNNING)
 
 
 def jobs_fail_hung(conn: Connection, job_ids: Iterable[str], now: int, hang: float) -> list[str]:
-    """RUNNING provisioner jobs past their hang deadline: failed, with a log line saying why."""
+    """RUNNING provisioner jobs past their hang deadline: failed, with a log line
+    saying why (part of the timer transaction, store.job_timers)."""
     ended = []
     span = f"{hang / 60:g} minutes" if hang >= 120 else f"{hang:g} seconds"
     for job_id in job_ids:
@@ -362,7 +331,7 @@ def jobs_fail_hung(conn: Connection, job_ids: Iterable[str], now: int, hang: flo
                 )
             ],
         )
-        _finish(conn, job_id, now, ERROR, error=why, error_code="HUNG")
+        job_finish(conn, job_id, now, Outcome.failed(why, "HUNG", Ending.HUNG), states=(RUNNING,))
         ended.append(job_id)
     return ended
 
@@ -376,7 +345,8 @@ def connection_broken(conn: Connection, job_id: str, daemon_id: str, now: int) -
     ).first()
     if row is None:
         return False
-    _finish(conn, job_id, now, ERROR, error="connection to provisioner daemon broken")
+    broken = Outcome.failed("connection to provisioner daemon broken", ending=Ending.BROKEN)
+    job_finish(conn, job_id, now, broken, states=(RUNNING,))
     return True
 
 

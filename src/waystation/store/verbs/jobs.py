@@ -104,9 +104,9 @@ class JobVerbs(Verbs):
 
     # -- timers and pruning ----------------------------------------------------
 
-    def jobs_fire_timers(self, now: int) -> Pending[timer_tx.Fired]:
-        """Fire every expiry, ack and heartbeat deadline that is due."""
-        return self._db.write(timer_tx.jobs_fire_timers, now)
+    def jobs_fire_timers(self, now: int, hang: float) -> Pending[timer_tx.Fired]:
+        """Fire every due deadline of every kind (expiry, ack, heartbeat, hang) at once."""
+        return self._db.write(timer_tx.jobs_fire_timers, now, hang)
 
     def jobs_next_deadline(self) -> Pending[int | None]:
         """The earliest armed deadline (microseconds), or None."""

@@ -123,12 +123,6 @@ class ProvisionerJobVerbs(Verbs):
         """The acquiring call went away: the job fails (as upstream); whether it did."""
         return self._db.write(pjob_tx.connection_broken, job_id, daemon_id, now)
 
-    def provisioner_jobs_fail_hung(
-        self, job_ids: Iterable[str], now: int, hang: float
-    ) -> Pending[list[str]]:
-        """Fail jobs past their hang deadline, logging why; those failed."""
-        return self._db.write(pjob_tx.jobs_fail_hung, job_ids, now, hang)
-
     def provisioner_job_view(self, job_id: str, now: int) -> Pending[pv.ProvisionerJob]:
         """A provisioner job as people see it, with its queue position."""
         return self._db.read(pview_tx.job_view, job_id, now)
