@@ -507,7 +507,10 @@ async def test_generate_login_token(
     second = (await vagrant.GenerateLoginToken(Empty())).token
     assert token_id(first) != token_id(second)
     claims, _ = tokens.unverified(first)
-    assert claims.login and not claims.invite and not claims.HasField("valid_until")
+    assert claims.login and not claims.invite
+    # The server's default TTL (30 days; issue #21): login tokens expire.
+    left = claims.valid_until.seconds - time.time()
+    assert 29 * 86400 < left <= 30 * 86400
     await assert_works(server.address, first)
     await assert_works(server.address, second)
 

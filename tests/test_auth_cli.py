@@ -268,13 +268,16 @@ def test_whoami_logout_and_context_delete(
     token = saved_token(config, "work")
     ident = tokens.token_id_hex(tokens.unverified(token)[0])
 
-    # Decoded here, confirmed by the server.
-    assert labelled(ok(config, "whoami")) == {
+    # Decoded here, confirmed by the server. Login tokens expire (the server's
+    # --token-ttl, 30 days unless told).
+    shown = labelled(ok(config, "whoami"))
+    expires = shown.pop("expires")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", expires)
+    assert shown == {
         "server": f"{address} (context work)",
         "user": "admin",
         "role": "admin",
         "token id": ident,
-        "expires": "never",
         "server says": "accepted",
     }
     assert json.loads(ok(config, "whoami", "--json")) == {
@@ -284,7 +287,7 @@ def test_whoami_logout_and_context_delete(
         "role": "admin",
         "token_id": ident,
         "kind": "login",
-        "expires": None,
+        "expires": expires,
         "accepted": True,
         "refused_because": None,
     }

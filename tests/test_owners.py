@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from grpc import aio
+from test_auth import PERMISSION_DENIED
+from test_policy import mint
 
-from tests.test_auth import PERMISSION_DENIED
-from tests.test_policy import mint
 from waystation.client import Connection
 from waystation.core.roles import Role
 from waystation.core.timeouts import now_us

@@ -8,7 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.test_auth_cli import FreshServer, cli, error, labelled, ok, servers, table
+from test_auth_cli import FreshServer, cli, error, labelled, ok, servers, table
+
 from waystation import testing as t
 
 __all__ = ["servers"]  # the fixture, imported for pytest
@@ -85,3 +86,38 @@ def test_the_audit_log_says_who_did_what(
     )
     runner = ("--address", address, "--token", runner_token)
     error(cli(root, *runner, "audit", "list"), "needs the admin role")
+
+
+def test_tokens_per_user_ttl_labels_and_invites_with_roles(
+    tmp_path: Path, servers: Callable[[t.ServerProcess], str]
+) -> None:
+    address = servers(FreshServer(tmp_path / "data", auth=True))
+    root = tmp_path / "root.json"
+    ok(root, "--address", address, "login", "--user", "root")
+    ok(root, "user", "create", "alice")
+    laptop = ok(root, "token", "login", "--user", "alice", "--ttl", "30d", "--label", "laptop")
+    alice = ("--address", address, "--token", laptop.strip())
+    assert labelled(ok(root, *alice, "whoami"))["expires"] != "never"
+    error(cli(root, *alice, "token", "login", "--ttl", "0"), "only an admin")
+    own = ok(root, *alice, "token", "login", "--label", "ci").strip()  # the default TTL
+    assert json.loads(ok(root, *alice, "whoami", "--json"))["expires"] is not None
+
+    # alice lists and revokes her own; root lists everyone's.
+    mine = json.loads(ok(root, *alice, "token", "list", "--json"))
+    assert [(x["user"], x.get("label", "")) for x in mine] == [("alice", "laptop"), ("alice", "ci")]
+    assert all("expiresAt" in x or "expires_at" in x for x in mine)
+    error(cli(root, *alice, "token", "list", "--user", "root"), "only an admin")
+    every = table(ok(root, "token", "list"))
+    assert [r[1] for r in every] == ["root", "alice", "alice"]
+    root_id = every[0][0]
+    error(cli(root, *alice, "token", "revoke", root_id), "only an admin")
+    own_id = mine[1]["id"]
+    ok(root, *alice, "token", "revoke", own_id)
+    assert "revoked" in cli(root, "--address", address, "--token", own, "whoami").stdout
+
+    # An invite carries its user and role: converting it creates that user.
+    invite = ok(root, "token", "invite", "--user", "ci-9", "--role", "runner").strip()
+    ci = tmp_path / "ci.json"
+    ok(ci, "--address", address, "login", "--invite", invite)
+    assert labelled(ok(ci, "whoami"))["role"] == "runner"
+    assert ["ci-9", "runner"] in [r[:2] for r in table(ok(root, "user", "list"))]

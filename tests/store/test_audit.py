@@ -7,6 +7,7 @@ import pytest
 
 from waystation.core.roles import Actor, Role
 from waystation.errors import AlreadyExists, FailedPrecondition
+from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
 
 from .conftest import Reopen, now_us
@@ -54,3 +55,14 @@ async def test_old_entries_are_pruned(store: Store) -> None:
         await store.audit_record(ROOT, "token.login", str(at), at)
     assert await store.audit_prune(3) == 2
     assert [e.object for e in await store.audit_list("", "", 0, 100)] == ["3"]
+
+
+async def test_quotas_and_config_variables_are_audited(store: Store) -> None:
+    await store.quota_set("alice", 10, ROOT, 20)
+    var = vs.ConfigVar(name="API_KEY", value="secret", runner=vs.Ref.Runner(any=vs.Ref.RunnerAny()))
+    await store.config_set([var], ROOT, 21)
+    entries = await store.audit_list("", "", 0, 10)
+    assert [(e.action, e.object) for e in entries] == [
+        ("config.set", "API_KEY"),  # names only: values may be secrets
+        ("quota.set", "alice: 10"),
+    ]

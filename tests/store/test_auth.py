@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import Connection
 
-from waystation.core.roles import LEGACY_USER, Role
+from waystation.core.roles import LEGACY_USER, Actor, Role
 from waystation.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from waystation.store import Store
 from waystation.store import auth as auth_tx
 from waystation.store import users as users_tx
 from waystation.store.migrate import alembic_config
 from waystation.store.schema import server_flags
+from waystation.store.tokens import TokenRow
 
 from .conftest import Reopen, now_us
 
@@ -131,3 +133,23 @@ def test_an_upgraded_server_keeps_its_tokens_user_as_an_admin(backend_url: str) 
         store._db.run_sync(check)
     finally:
         asyncio.run(store.close())
+
+
+async def test_minted_tokens_are_listed_with_their_last_use(store: Store, reopen: Reopen) -> None:
+    root = Actor("root", "ab" * 16)
+    login = TokenRow("01" * 16, "Alice", "login", "laptop", 10, 99)
+    invite = TokenRow("02" * 16, "ci-1", "invite", "", 11, 50, Role.RUNNER)
+    await store.token_add(login, root, "token.login", 10)
+    await store.token_add(invite, None, "token.invite", 11)  # no actor: not audited
+    await store.token_revoke(invite.token_id, 12)
+    await store.token_touch(login.token_id, 100_000_000)
+    await store.token_touch(login.token_id, 100_000_001)  # within the minute: kept
+    store = await reopen()
+    assert await store.token_find(invite.token_id) == invite
+    assert await store.token_find("ff" * 16) is None
+    assert await store.token_list("alice") == [dataclasses.replace(login, last_used_at=100_000_000)]
+    assert [(t.token_id, t.revoked) for t in await store.token_list("")] == [
+        (login.token_id, False),
+        (invite.token_id, True),
+    ]
+    assert [e.action for e in await store.audit_list("", "", 0, 10)] == ["token.login"]

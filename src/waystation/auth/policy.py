@@ -51,7 +51,9 @@ ACTIONS: Final[Mapping[str, frozenset[Role]]] = {
     # Anyone may mint a login token for themselves; for others, admins only.
     "tokens.login": EVERYONE,
     "tokens.invite": ADMIN,
-    "tokens.revoke": ADMIN,
+    # Anyone may revoke and list their own; others', admins only (the handler checks).
+    "tokens.revoke": EVERYONE,
+    "tokens.list": EVERYONE,
     "users.manage": ADMIN,
     "users.whoami": EVERYONE,
     "audit.read": ADMIN,
@@ -138,6 +140,7 @@ METHODS: Final[Mapping[str, str]] = {
         *("CreateUser", "ListUsers", "GetUser", "SetUserRole", "DisableUser", "DeleteUser"),
     ),
     **_methods(_USERS, "users.whoami", "WhoAmI"),
+    **_methods(_USERS, "tokens.list", "ListTokens"),
     **_methods("/waystation.v1.Audit/", "audit.read", "ListAuditEvents"),
 }
 

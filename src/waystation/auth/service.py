@@ -18,6 +18,7 @@ from waystation.core.wire import AUTHORIZATION
 from waystation.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import Store
+from waystation.store.tokens import TOUCH_EVERY_US, TokenRow
 from waystation.store.users import User
 
 # Active keys are cached this long: a key retired elsewhere stops working
@@ -25,6 +26,8 @@ from waystation.store.users import User
 KEY_CACHE_SECONDS = 2.0
 MAX_METADATA = 1024
 REVOKED = tokens.ERROR_PREFIX + "token has been revoked"
+DEFAULT_TOKEN_TTL = 30 * 24 * 3600.0
+MAX_TOUCHED = 100_000  # token ids remembered for last-use throttling
 
 NEVER = -1e9  # when the keys were last read, before the first time
 
@@ -34,8 +37,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class Authenticator:
     store: Store
+    # Seconds a login token is valid when the minter asks for no TTL; 0: forever.
+    token_ttl: float = DEFAULT_TOKEN_TTL
     _keys: dict[str, bytes] = field(default_factory=dict)
     _keys_at: float = NEVER
+    # When this replica last recorded each token's use (microseconds).
+    _touched: dict[str, int] = field(default_factory=dict)
 
     async def _active_keys(self, *, fresh: bool = False) -> dict[str, bytes]:
         if fresh or time.monotonic() - self._keys_at > KEY_CACHE_SECONDS:
@@ -82,7 +89,19 @@ class Authenticator:
             raise Unauthenticated(f"{tokens.ERROR_PREFIX}its user {token.user!r} does not exist")
         if user.disabled:
             raise Unauthenticated(f"{tokens.ERROR_PREFIX}its user {user.name} is disabled")
+        await self._touch(tokens.token_id_hex(token))
         return user
+
+    async def _touch(self, token_id: str) -> None:
+        # Last use at most once a minute per token here (and in the store across
+        # replicas): a call costs no write of its own.
+        now = now_us()
+        if now - self._touched.get(token_id, -TOUCH_EVERY_US) < TOUCH_EVERY_US:
+            return
+        if len(self._touched) > MAX_TOUCHED:
+            self._touched.clear()
+        self._touched[token_id] = now
+        await self.store.token_touch(token_id, now)
 
     async def _not_revoked(self, token: vs.Token) -> None:
         revoked: bool = await self.store.token_is_revoked(tokens.token_id_hex(token))
@@ -107,9 +126,11 @@ class Authenticator:
         key = await self.store.token_bootstrap(now_us(), user)
         if key is None:
             raise PermissionDenied("server is already bootstrapped")
+        # The bootstrap token never expires: it is how the first admin gets in.
         token = tokens.login_token(user)
         text = _minted(token, *key, None, "bootstrap", user=user)
-        await self._audit(Actor(user, tokens.token_id_hex(token)), "token.bootstrap", token)
+        actor = Actor(user, tokens.token_id_hex(token))
+        await self._record(token, actor, "token.bootstrap", "bootstrap")
         return text
 
     async def login(
@@ -117,18 +138,32 @@ class Authenticator:
         user: str,
         entrypoint: vs.Token.Entrypoint | None = None,
         actor: Actor | None = None,
+        *,
+        ttl: float | None = None,
+        label: str = "",
     ) -> str:
-        """A login token for `user` (as the store spells the name)."""
+        """A login token for `user` (as the store spells the name), valid `ttl`
+        seconds (None: the server's default; 0: until revoked)."""
         token = tokens.login_token(user, entrypoint=entrypoint)
+        _expire(token, self.token_ttl if ttl is None else ttl)
         text = await self.mint(token, user=user)
-        await self._audit(actor, "token.login", token)
+        await self._record(token, actor, "token.login", label)
         return text
 
-    async def _audit(self, actor: Actor | None, action: str, token: vs.Token) -> None:
-        # Minting writes no row (a token carries its own claims): its record stands alone.
-        if actor is not None:
-            obj = f"{tokens.token_id_hex(token)} for {token.user}"
-            await self.store.audit_record(actor, action, obj, now_us())
+    async def _record(
+        self,
+        token: vs.Token,
+        actor: Actor | None,
+        action: str,
+        label: str,
+        role: Role | None = None,
+    ) -> None:
+        """The token's row, and its audit entry in the same transaction."""
+        expires = token.valid_until.ToMicroseconds() if token.HasField("valid_until") else None
+        kind = "invite" if token.invite else "login"
+        now = now_us()
+        row = TokenRow(tokens.token_id_hex(token), token.user, kind, label, now, expires, role)
+        await self.store.token_add(row, actor, action, now)
 
     async def invite(
         self,
@@ -137,12 +172,15 @@ class Authenticator:
         *,
         user: str,
         actor: Actor | None = None,
+        role: Role = Role.MEMBER,
+        label: str = "",
     ) -> str:
-        """An invite that converts to a login token for `user`."""
+        """An invite that converts to a login token for `user`, created with
+        `role` if they do not exist by then."""
         token = tokens.invite_token(duration, entrypoint=entrypoint, now=_now())
         token.user = user
         text = await self.mint(token, how="invite", user=user)
-        await self._audit(actor, "token.invite", token)
+        await self._record(token, actor, "token.invite", label, role)
         return text
 
     async def convert_invite(self, text: str) -> str:
@@ -157,13 +195,17 @@ class Authenticator:
             raise InvalidArgument(f"invite token metadata over {MAX_METADATA} bytes")
         # Invites made before users existed name none: they were the legacy user's.
         name = token.user or LEGACY_USER
-        user = await self.store.user_ensure(name, Role.MEMBER, now_us())
+        invite_id = tokens.token_id_hex(token)
+        row = await self.store.token_find(invite_id)
+        role = row.role if row is not None and row.role else Role.MEMBER
+        user = await self.store.user_ensure(name, role, now_us())
         if user.disabled:
             raise PermissionDenied(f"the invite's user {user.name} is disabled")
         login = tokens.login_token(user.name, entrypoint=entrypoint)
-        invite_id = tokens.token_id_hex(token)
+        _expire(login, self.token_ttl)
         text = await self.mint(login, metadata, "convert", invite_id=invite_id, user=user.name)
-        await self._audit(Actor(user.name, invite_id), "token.convert_invite", login)
+        actor = Actor(user.name, invite_id)
+        await self._record(login, actor, "token.convert_invite", f"from invite {invite_id[:8]}")
         return text
 
     async def revoke(self, token_id_hex: str, actor: Actor | None = None) -> bool:
@@ -194,6 +236,14 @@ def _minted(
         "minted %s token %s by %s with key %s%s", kind, token_id, how, key_id, about, extra=fields
     )
     return text
+
+
+def _expire(token: vs.Token, ttl: float) -> None:
+    """Make `token` valid for `ttl` seconds from now (0: no expiry)."""
+    if ttl > 0:
+        seconds, micros = divmod(now_us() + int(ttl * 1_000_000), 1_000_000)
+        token.valid_until.seconds = seconds
+        token.valid_until.nanos = micros * 1000
 
 
 def _now() -> datetime.datetime:

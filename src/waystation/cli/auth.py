@@ -15,16 +15,18 @@ from waystation.cli.output import (
     fail,
     out,
     print_data,
+    print_json,
     print_table,
     rfc3339,
     rpc_errors,
 )
 from waystation.client import Connection, Contexts
-from waystation.core.wire import TOKEN_USER
+from waystation.core.wire import INVITE_ROLE, TOKEN_LABEL, TOKEN_TTL, TOKEN_USER
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.protocol.waystation.v1 import admin_pb2_grpc as admin_grpc
+from waystation.protocol.waystation.v1 import users_pb2 as pu
 from waystation.protocol.waystation.v1 import users_pb2_grpc as users_grpc
 
 token_app = typer.Typer(help="Mint and revoke tokens.", no_args_is_help=True)
@@ -104,15 +106,18 @@ def invite_token(
     duration: Annotated[str, typer.Option("--duration", help="How long it is valid.")] = "24h",
     user: Annotated[
         str,
-        typer.Option("--user", help="Who it is for (made a member on first use). [default: you]"),
+        typer.Option("--user", help="Who it is for (created on first use). [default: you]"),
     ] = "",
+    role: Annotated[
+        str, typer.Option("--role", help="The role the user is created with, if new.")
+    ] = "member",
+    label: Annotated[str, typer.Option("--label", help="A note for `token list`.")] = "",
 ) -> None:
     """Mint an invite token for someone else to `waystation login --invite`."""
     c: Context = ctx.obj
     request = vs.InviteTokenRequest(duration=duration)
-    mint = functools.partial(
-        vs_grpc.VagrantStub(c.channel).GenerateInviteToken, metadata=_for_user(user)
-    )
+    metadata = (*_for_user(user), (INVITE_ROLE, role), *_labelled(label))
+    mint = functools.partial(vs_grpc.VagrantStub(c.channel).GenerateInviteToken, metadata=metadata)
     out.print(call(c, mint, request).token)
 
 
@@ -122,17 +127,56 @@ def login_token(
     user: Annotated[
         str, typer.Option("--user", help="Who it is for (others: admins only). [default: you]")
     ] = "",
+    ttl: Annotated[
+        str,
+        typer.Option("--ttl", help="Valid this long: 30d, 12h (0: until revoked, admins only)."),
+    ] = "",
+    label: Annotated[str, typer.Option("--label", help="A note for `token list`.")] = "",
 ) -> None:
-    """Mint a login token, e.g. for a runner (`waystation token login --user ci-runner-1`)."""
+    """Mint a login token, e.g. for a runner (`waystation token login --user ci-runner-1`).
+    [default TTL: the server's --token-ttl]"""
     c: Context = ctx.obj
-    mint = functools.partial(
-        vs_grpc.VagrantStub(c.channel).GenerateLoginToken, metadata=_for_user(user)
-    )
+    metadata = (*_for_user(user), *(((TOKEN_TTL, ttl),) if ttl else ()), *_labelled(label))
+    mint = functools.partial(vs_grpc.VagrantStub(c.channel).GenerateLoginToken, metadata=metadata)
     out.print(call(c, mint, Empty()).token)
+
+
+@token_app.command("list")
+def list_tokens(
+    ctx: typer.Context,
+    user: Annotated[
+        str, typer.Option("--user", help="Only this user's. [default: yours; an admin's: all]")
+    ] = "",
+    as_json: Json = False,
+) -> None:
+    """Tokens minted since users existed: id, user, label, created, expires, last used."""
+    c: Context = ctx.obj
+    request = pu.ListTokensRequest(user=user)
+    found = call(c, users_grpc.UsersStub(c.channel).ListTokens, request).tokens
+    if as_json:
+        return print_json(list(found))
+    rows = [
+        [
+            t.id,
+            t.user,
+            t.kind + (" (revoked)" if t.revoked else ""),
+            t.label or "-",
+            rfc3339(t.created_at),
+            rfc3339(t.expires_at) if t.HasField("expires_at") else "never",
+            rfc3339(t.last_used_at) if t.HasField("last_used_at") else "-",
+        ]
+        for t in found
+    ]
+    columns = ["ID", "USER", "KIND", "LABEL", "CREATED", "EXPIRES", "LAST USED"]
+    print_table(columns, rows, "no tokens")
 
 
 def _for_user(user: str) -> tuple[tuple[str, str], ...]:
     return ((TOKEN_USER, user),) if user else ()
+
+
+def _labelled(label: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_LABEL, label),) if label else ()
 
 
 def _claims(text: str) -> dict[str, Any]:

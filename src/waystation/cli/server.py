@@ -66,6 +66,14 @@ def run(
             help="Keep audit log entries this long (a duration, or seconds).",
         ),
     ] = "2160h",
+    token_ttl: Annotated[
+        str,
+        typer.Option(
+            "--token-ttl",
+            envvar="WAYSTATION_TOKEN_TTL",
+            help="How long login tokens are valid unless minted with --ttl (0: until revoked).",
+        ),
+    ] = "720h",
     fsync: Annotated[
         bool, typer.Option("--fsync/--no-fsync", help="Sync every commit to disk before answering.")
     ] = True,
@@ -252,6 +260,7 @@ def _settings(entries: dict[str, Setting]) -> ServerSettings:
         metrics_listen=value("metrics_listen") or None,
         db_wait=_seconds(entries["db_wait"], allow_zero=True),
         audit_retention=_seconds(entries["audit_retention"]),
+        token_ttl=_seconds(entries["token_ttl"], allow_zero=True),
         log_format=value("log_format"),
     )
 

@@ -21,7 +21,7 @@ NOT_SETTINGS = frozenset({"config", "json_output"})
 # Settings that are durations: a Go duration string ("90s", "1h5m") or a number of seconds.
 DURATIONS = frozenset(
     {"ack_timeout", "heartbeat_timeout", "poll_interval", "hang_timeout", "db_wait"}
-    | {"audit_retention"}
+    | {"audit_retention", "token_ttl"}
 )
 PATHS = frozenset({"data_dir", "tls_cert", "tls_key"})
 

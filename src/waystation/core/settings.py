@@ -45,6 +45,8 @@ class ServerSettings:
     log_format: str = "text"
     # Seconds audit log entries are kept (90 days); older ones are pruned hourly.
     audit_retention: float = 90 * 24 * 3600.0
+    # Seconds a login token is valid unless its minter says otherwise (30 days); 0: forever.
+    token_ttl: float = 30 * 24 * 3600.0
 
     @property
     def database_url(self) -> str:

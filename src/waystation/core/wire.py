@@ -18,6 +18,13 @@ API_PROTOCOL = "client-api-protocol"
 # user the token is for, where upstream's requests have no field for it; absent,
 # the caller's own user (bootstrap: "admin").
 TOKEN_USER = "waystation-token-user"
+# GenerateLoginToken: how long the token is valid (a Go duration; "0": until
+# revoked, admins only), absent: the server's --token-ttl. And a label for
+# `token list`. GenerateInviteToken: the label, and the role of the user the
+# invite creates (absent: member).
+TOKEN_TTL = "waystation-token-ttl"
+TOKEN_LABEL = "waystation-token-label"
+INVITE_ROLE = "waystation-invite-role"
 
 # ProvisionerDaemon calls: who the daemon is (upstream Coder puts the same
 # facts in its connection's query string).

@@ -17,12 +17,12 @@ import waystation
 from waystation.auth.service import Authenticator
 from waystation.core.timeouts import now_us
 from waystation.engine.engine import JobEngine
-from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.files import private_dir
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.protocol.waystation.v1 import admin_pb2 as admin
 from waystation.server.errors import rpc, stream_rpc
-from waystation.server.principal import current_actor
+from waystation.server.principal import current_actor, current_principal
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import snapshot
 
@@ -66,7 +66,8 @@ class AdminService:
 
     @rpc
     async def ConfigSet(self, request: vs.ConfigSetRequest, context: Ctx) -> vs.ConfigSetResponse:
-        if await self.engine.store.config_set(list(request.variables)):
+        actor = current_actor(context)
+        if await self.engine.store.config_set(list(request.variables), actor, now_us()):
             await self.engine.config_changed()
         return vs.ConfigSetResponse()
 
@@ -102,6 +103,14 @@ class AdminService:
         token_id = request.token_id.lower()
         if len(token_id) != 32 or any(c not in "0123456789abcdef" for c in token_id):
             raise InvalidArgument("token_id must be 32 hex digits (waystation token inspect)")
+        caller = current_principal(context)
+        if caller is not None and not caller.admin and token_id != caller.token_id:
+            row = await self.store.token_find(token_id)
+            if row is None or row.user.lower() != caller.user.lower():
+                raise PermissionDenied(
+                    f"only an admin may revoke another user's token; your token's user "
+                    f"{caller.user} is a {caller.role.value}"
+                )
         revoked = await self.auth.revoke(token_id, current_actor(context))
         return admin.RevokeTokenResponse(revoked=revoked)
 

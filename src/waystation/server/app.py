@@ -90,7 +90,7 @@ async def start(settings: ServerSettings) -> RunningServer:
         await store.close()
         raise
     engine = JobEngine(store, settings.timeouts)
-    authenticator = Authenticator(store)
+    authenticator = Authenticator(store, settings.token_ttl)
     exit_requested = asyncio.Event()
     metrics_address = stop_metrics = None
     if settings.metrics_listen:

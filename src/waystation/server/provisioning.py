@@ -15,7 +15,7 @@ from waystation.errors import InvalidArgument, PermissionDenied
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.provisioner import archive
 from waystation.server.errors import rpc, stream_rpc
-from waystation.server.principal import current_principal
+from waystation.server.principal import current_actor, current_principal
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import provisioner_queue as pq
 
@@ -107,7 +107,7 @@ class ProvisioningService:
     @rpc
     async def SetQuota(self, request: pv.SetQuotaRequest, context: Ctx) -> pv.Quota:
         allowance = None if request.clear else request.allowance
-        return await self.store.quota_set(request.user, allowance)
+        return await self.store.quota_set(request.user, allowance, current_actor(context), now_us())
 
     @rpc
     async def GetQuota(self, request: pv.GetQuotaRequest, context: Ctx) -> pv.Quota:

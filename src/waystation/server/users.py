@@ -11,12 +11,13 @@ from grpc import aio
 
 from waystation.core.roles import LEGACY_USER, Role
 from waystation.core.timeouts import now_us
-from waystation.errors import FailedPrecondition, InvalidArgument
+from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.protocol.waystation.v1 import users_pb2 as pu
 from waystation.server.errors import rpc
 from waystation.server.principal import current_actor, current_principal
 from waystation.server.unimplemented import fill_unimplemented
 from waystation.store import Store
+from waystation.store.tokens import TokenRow
 from waystation.store.users import User
 
 DESCRIPTOR = pu.DESCRIPTOR.services_by_name["Users"]
@@ -59,6 +60,22 @@ class UsersService:
     async def DeleteUser(self, request: pu.UserRef, context: Ctx) -> Empty:
         await self.store.user_delete(request.name, current_actor(context), now_us())
         return Empty()
+
+    @rpc
+    async def ListTokens(
+        self, request: pu.ListTokensRequest, context: Ctx
+    ) -> pu.ListTokensResponse:
+        caller = current_principal(context)
+        user = request.user
+        if caller is not None and not caller.admin:
+            if user and user.lower() != caller.user.lower():
+                raise PermissionDenied(
+                    f"only an admin may list another user's tokens; your token's user "
+                    f"{caller.user} is a {caller.role.value}"
+                )
+            user = caller.user
+        rows = await self.store.token_list(user)
+        return pu.ListTokensResponse(tokens=[_token(r) for r in rows])
 
     @rpc
     async def WhoAmI(self, request: Empty, context: Ctx) -> pu.WhoAmIResponse:
@@ -111,6 +128,23 @@ def _role(text: str) -> Role:
 def _timestamp(micros: int) -> Timestamp:
     seconds, rest = divmod(micros, 1_000_000)
     return Timestamp(seconds=seconds, nanos=rest * 1000)
+
+
+def _token(row: TokenRow) -> pu.TokenInfo:
+    info = pu.TokenInfo(
+        id=row.token_id,
+        user=row.user,
+        kind=row.kind,
+        label=row.label,
+        created_at=_timestamp(row.created_at),
+        role=row.role.value if row.role else "",
+        revoked=row.revoked,
+    )
+    if row.expires_at is not None:
+        info.expires_at.CopyFrom(_timestamp(row.expires_at))
+    if row.last_used_at is not None:
+        info.last_used_at.CopyFrom(_timestamp(row.last_used_at))
+    return info
 
 
 def _message(user: User) -> pu.User:

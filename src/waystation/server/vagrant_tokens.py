@@ -8,8 +8,8 @@ from google.protobuf.empty_pb2 import Empty
 from grpc import aio
 
 from waystation.auth.service import Authenticator
-from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, user_name_problem
-from waystation.core.wire import TOKEN_USER
+from waystation.core.roles import BOOTSTRAP_USER, LEGACY_USER, Role, user_name_problem
+from waystation.core.wire import INVITE_ROLE, TOKEN_LABEL, TOKEN_TTL, TOKEN_USER
 from waystation.durations import DurationError, parse_go_duration
 from waystation.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from waystation.protocol import vagrant_server_pb2 as vs
@@ -30,7 +30,15 @@ class TokenRPCs:
     @rpc
     async def GenerateLoginToken(self, request: Empty, context: Ctx) -> vs.NewTokenResponse:
         user = await self._for_whom(context)
-        token = await self.auth.login(user, actor=current_actor(context))
+        ttl = _ttl(context)
+        caller = current_principal(context)
+        if ttl == 0 and caller is not None and not caller.admin:
+            raise PermissionDenied(
+                f"only an admin may mint a token that never expires; your token's user "
+                f"{caller.user} is a {caller.role.value}"
+            )
+        label = _metadata(context, TOKEN_LABEL)
+        token = await self.auth.login(user, actor=current_actor(context), ttl=ttl, label=label)
         return vs.NewTokenResponse(token=token)
 
     async def _for_whom(self, context: Ctx) -> str:
@@ -45,7 +53,7 @@ class TokenRPCs:
         if not caller.admin:
             raise PermissionDenied(
                 f"only an admin may mint a token for another user; your token's user "
-                f"{caller.user} is {caller.role.value}"
+                f"{caller.user} is a {caller.role.value}"
             )
         return (await self.auth.store.user_get(named)).name
 
@@ -68,8 +76,11 @@ class TokenRPCs:
         problem = user_name_problem(user)
         if problem:
             raise InvalidArgument(f"invalid user name {user!r}: {problem}")
+        role = _invite_role(context)
+        label = _metadata(context, TOKEN_LABEL)
+        actor = current_actor(context)
         token = await self.auth.invite(
-            duration, entrypoint, user=user, actor=current_actor(context)
+            duration, entrypoint, user=user, actor=actor, role=role, label=label
         )
         return vs.NewTokenResponse(token=token)
 
@@ -82,6 +93,38 @@ class TokenRPCs:
         return vs.NewTokenResponse(token=await self.auth.convert_invite(request.token))
 
 
-def _token_user(context: Ctx) -> str:
-    value = dict(context.invocation_metadata() or ()).get(TOKEN_USER, "")
+def _metadata(context: Ctx, key: str) -> str:
+    value = dict(context.invocation_metadata() or ()).get(key, "")
     return value.strip() if isinstance(value, str) else ""
+
+
+def _token_user(context: Ctx) -> str:
+    return _metadata(context, TOKEN_USER)
+
+
+def _ttl(context: Ctx) -> float | None:
+    """The TTL asked for, seconds (0: never expires); None: the server's default."""
+    text = _metadata(context, TOKEN_TTL)
+    if not text:
+        return None
+    try:
+        if text.replace(".", "", 1).isdigit():  # seconds
+            seconds = float(text)
+        elif text.endswith("d") and text[:-1].isdigit():  # days, which Go lacks: 30d
+            seconds = int(text[:-1]) * 86400.0
+        else:
+            seconds = parse_go_duration(text).total_seconds()
+    except DurationError as exc:
+        raise InvalidArgument(f"invalid {TOKEN_TTL} {text!r}: {exc}") from None
+    if seconds < 0:
+        raise InvalidArgument(f"invalid {TOKEN_TTL} {text!r}: it must not be negative")
+    return seconds
+
+
+def _invite_role(context: Ctx) -> Role:
+    text = _metadata(context, INVITE_ROLE)
+    try:
+        return Role(text.lower()) if text else Role.MEMBER
+    except ValueError:
+        choices = ", ".join(r.value for r in Role)
+        raise InvalidArgument(f"unknown role {text!r}: one of {choices}") from None

@@ -204,6 +204,24 @@ users = sa.Table(
     sa.Column("disabled_at", sa.BigInteger),
 )
 
+# Tokens minted since users existed (issue #21): for listing and for what the
+# token itself does not carry (its label, an invite's role). Checking a token
+# needs no row: older tokens have none and keep working.
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("token_id", sa.Text, primary_key=True),  # hex of Token.token_id
+    sa.Column("user", sa.Text, nullable=False),
+    sa.Column("user_key", sa.Text, nullable=False, index=True),  # lowercased
+    sa.Column("kind", sa.Text, nullable=False),  # login or invite
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("role", sa.Text),  # an invite's: the role of the user it creates
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger),  # NULL: never
+    # Written at most once a minute per token and replica, so a call costs no write.
+    sa.Column("last_used_at", sa.BigInteger),
+)
+
 # Who changed what (issue #21): written in the transaction of the change it
 # records, so a change that fails leaves none; pruned after the retention.
 audit_log = sa.Table(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from waystation.core.roles import BOOTSTRAP_USER, Actor, Role
 from waystation.store import auth as auth_tx
+from waystation.store import tokens as tokens_tx
 from waystation.store import users as users_tx
 from waystation.store.audit import audited
+from waystation.store.tokens import TokenRow
 from waystation.store.users import User
 from waystation.store.verbs.base import Pending, Verbs
 
@@ -50,6 +52,25 @@ class AuthVerbs(Verbs):
     def token_standing(self, token_id: str, user: str) -> Pending[tuple[bool, User | None]]:
         """Whether a token id is revoked, and its user's row (None if absent): per call."""
         return self._db.read(users_tx.token_standing, token_id, user)
+
+    # -- minted tokens ---------------------------------------------------------
+
+    def token_add(self, row: TokenRow, actor: Actor | None, action: str, now: int) -> Pending[None]:
+        """Record a minted token, audited as `action` by `actor` in the same transaction."""
+        obj = f"{row.token_id} for {row.user}"
+        return self._db.write(audited, actor, action, obj, now, tokens_tx.token_add, row)
+
+    def token_find(self, token_id: str) -> Pending[TokenRow | None]:
+        """A recorded token by id (None: minted before tokens were recorded, or unknown)."""
+        return self._db.read(tokens_tx.token_find, token_id)
+
+    def token_list(self, user: str) -> Pending[list[TokenRow]]:
+        """Recorded tokens, every user's or one's, oldest first."""
+        return self._db.read(tokens_tx.token_list, user)
+
+    def token_touch(self, token_id: str, now: int) -> Pending[None]:
+        """Record a token's use (at most once a minute)."""
+        return self._db.write(tokens_tx.token_touch, token_id, now)
 
     # -- users -----------------------------------------------------------------
 

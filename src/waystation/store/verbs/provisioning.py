@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from waystation.core.roles import Actor
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import daemons as daemon_tx
@@ -12,6 +13,7 @@ from waystation.store import provisioner_views as pview_tx
 from waystation.store import quotas as quota_tx
 from waystation.store import templates as template_tx
 from waystation.store import workspaces as workspace_tx
+from waystation.store.audit import audited
 from waystation.store.provisioner_queue import Daemon, Queued
 from waystation.store.verbs.base import Pending, Verbs
 
@@ -67,9 +69,14 @@ class WorkspaceVerbs(Verbs):
 
 
 class QuotaVerbs(Verbs):
-    def quota_set(self, user: str, allowance: int | None) -> Pending[pv.Quota]:
-        """Set a user's daily cost allowance (None: no limit)."""
-        return self._db.write(quota_tx.quota_set, user, allowance)
+    def quota_set(
+        self, user: str, allowance: int | None, actor: Actor | None = None, now: int = 0
+    ) -> Pending[pv.Quota]:
+        """Set a user's daily cost allowance (None: no limit), audited if `actor` is given."""
+        obj = f"{user}: {'no limit' if allowance is None else allowance}"
+        return self._db.write(
+            audited, actor, "quota.set", obj, now, quota_tx.quota_set, user, allowance
+        )
 
     def quota_get(self, user: str) -> Pending[pv.Quota]:
         """A user's allowance and what their workspaces consume."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from waystation.core.roles import Actor
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import runners as runner_tx
+from waystation.store.audit import audited
 from waystation.store.verbs.base import Pending, Verbs
 
 
@@ -38,9 +40,15 @@ class RunnerVerbs(Verbs):
         """The config variables a runner gets."""
         return self._db.read(runner_tx.runner_config, runner_id)
 
-    def config_set(self, variables: list[vs.ConfigVar]) -> Pending[bool]:
+    def config_set(
+        self, variables: list[vs.ConfigVar], actor: Actor | None = None, now: int = 0
+    ) -> Pending[bool]:
         """Set (or with no value, unset) config variables; whether anything changed."""
-        return self._db.write(runner_tx.config_set, variables)
+        # Names only: values may be secrets.
+        obj = ", ".join(sorted({v.name for v in variables}))
+        return self._db.write(
+            audited, actor, "config.set", obj, now, runner_tx.config_set, variables
+        )
 
     def config_get(self, request: vs.ConfigGetRequest) -> Pending[list[vs.ConfigVar]]:
         """Config variables of a scope."""

@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/users.proto\x12\rwaystation.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x01\n\x04User\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12/\n\x0b\x64isabled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x07UserRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"0\n\x12SetUserRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"7\n\x11ListUsersResponse\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.waystation.v1.User\"E\n\x0eWhoAmIResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\x13.waystation.v1.User\x12\x10\n\x08token_id\x18\x02 \x01(\t\"p\n\x16ListAuditEventsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\r\"\x93\x01\n\nAuditEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06object\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\"D\n\x17ListAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.waystation.v1.AuditEvent2\xcd\x03\n\x05Users\x12\x43\n\nCreateUser\x12 .waystation.v1.CreateUserRequest\x1a\x13.waystation.v1.User\x12\x45\n\tListUsers\x12\x16.google.protobuf.Empty\x1a .waystation.v1.ListUsersResponse\x12\x36\n\x07GetUser\x12\x16.waystation.v1.UserRef\x1a\x13.waystation.v1.User\x12\x45\n\x0bSetUserRole\x12!.waystation.v1.SetUserRoleRequest\x1a\x13.waystation.v1.User\x12:\n\x0b\x44isableUser\x12\x16.waystation.v1.UserRef\x1a\x13.waystation.v1.User\x12<\n\nDeleteUser\x12\x16.waystation.v1.UserRef\x1a\x16.google.protobuf.Empty\x12?\n\x06WhoAmI\x12\x16.google.protobuf.Empty\x1a\x1d.waystation.v1.WhoAmIResponse2i\n\x05\x41udit\x12`\n\x0fListAuditEvents\x12%.waystation.v1.ListAuditEventsRequest\x1a&.waystation.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19waystation/v1/users.proto\x12\rwaystation.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x01\n\x04User\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12/\n\x0b\x64isabled_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x07UserRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"0\n\x12SetUserRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"7\n\x11ListUsersResponse\x12\"\n\x05users\x18\x01 \x03(\x0b\x32\x13.waystation.v1.User\"!\n\x11ListTokensRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"\xf3\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04role\x18\x08 \x01(\t\x12\x0f\n\x07revoked\x18\t \x01(\x08\">\n\x12ListTokensResponse\x12(\n\x06tokens\x18\x01 \x03(\x0b\x32\x18.waystation.v1.TokenInfo\"E\n\x0eWhoAmIResponse\x12!\n\x04user\x18\x01 \x01(\x0b\x32\x13.waystation.v1.User\x12\x10\n\x08token_id\x18\x02 \x01(\t\"p\n\x16ListAuditEventsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\r\"\x93\x01\n\nAuditEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06object\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\"D\n\x17ListAuditEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.waystation.v1.AuditEvent2\xa0\x04\n\x05Users\x12\x43\n\nCreateUser\x12 .waystation.v1.CreateUserRequest\x1a\x13.waystation.v1.User\x12\x45\n\tListUsers\x12\x16.google.protobuf.Empty\x1a .waystation.v1.ListUsersResponse\x12\x36\n\x07GetUser\x12\x16.waystation.v1.UserRef\x1a\x13.waystation.v1.User\x12\x45\n\x0bSetUserRole\x12!.waystation.v1.SetUserRoleRequest\x1a\x13.waystation.v1.User\x12:\n\x0b\x44isableUser\x12\x16.waystation.v1.UserRef\x1a\x13.waystation.v1.User\x12<\n\nDeleteUser\x12\x16.waystation.v1.UserRef\x1a\x16.google.protobuf.Empty\x12?\n\x06WhoAmI\x12\x16.google.protobuf.Empty\x1a\x1d.waystation.v1.WhoAmIResponse\x12Q\n\nListTokens\x12 .waystation.v1.ListTokensRequest\x1a!.waystation.v1.ListTokensResponse2i\n\x05\x41udit\x12`\n\x0fListAuditEvents\x12%.waystation.v1.ListAuditEventsRequest\x1a&.waystation.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,16 +44,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETUSERROLEREQUEST']._serialized_end=380
   _globals['_LISTUSERSRESPONSE']._serialized_start=382
   _globals['_LISTUSERSRESPONSE']._serialized_end=437
-  _globals['_WHOAMIRESPONSE']._serialized_start=439
-  _globals['_WHOAMIRESPONSE']._serialized_end=508
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=510
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=622
-  _globals['_AUDITEVENT']._serialized_start=625
-  _globals['_AUDITEVENT']._serialized_end=772
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=774
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=842
-  _globals['_USERS']._serialized_start=845
-  _globals['_USERS']._serialized_end=1306
-  _globals['_AUDIT']._serialized_start=1308
-  _globals['_AUDIT']._serialized_end=1413
+  _globals['_LISTTOKENSREQUEST']._serialized_start=439
+  _globals['_LISTTOKENSREQUEST']._serialized_end=472
+  _globals['_TOKENINFO']._serialized_start=475
+  _globals['_TOKENINFO']._serialized_end=718
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=720
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=782
+  _globals['_WHOAMIRESPONSE']._serialized_start=784
+  _globals['_WHOAMIRESPONSE']._serialized_end=853
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=855
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=967
+  _globals['_AUDITEVENT']._serialized_start=970
+  _globals['_AUDITEVENT']._serialized_end=1117
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1119
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1187
+  _globals['_USERS']._serialized_start=1190
+  _globals['_USERS']._serialized_end=1734
+  _globals['_AUDIT']._serialized_start=1736
+  _globals['_AUDIT']._serialized_end=1841
 # @@protoc_insertion_point(module_scope)

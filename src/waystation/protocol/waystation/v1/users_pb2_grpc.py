@@ -71,6 +71,11 @@ class UsersStub:
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=waystation_dot_v1_dot_users__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/waystation.v1.Users/ListTokens',
+                request_serializer=waystation_dot_v1_dot_users__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=waystation_dot_v1_dot_users__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
 
 
 class UsersServicer:
@@ -120,6 +125,13 @@ class UsersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTokens(self, request, context):
+        """Tokens minted since users existed: anyone's own; every user's, admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_UsersServicer_to_server(servicer, server):
                     servicer.WhoAmI,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=waystation_dot_v1_dot_users__pb2.WhoAmIResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=waystation_dot_v1_dot_users__pb2.ListTokensRequest.FromString,
+                    response_serializer=waystation_dot_v1_dot_users__pb2.ListTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Users:
             '/waystation.v1.Users/WhoAmI',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             waystation_dot_v1_dot_users__pb2.WhoAmIResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/waystation.v1.Users/ListTokens',
+            waystation_dot_v1_dot_users__pb2.ListTokensRequest.SerializeToString,
+            waystation_dot_v1_dot_users__pb2.ListTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

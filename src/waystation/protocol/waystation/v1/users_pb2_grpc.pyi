@@ -44,6 +44,8 @@ class UsersStub:
     """Every token of a disabled user is refused at once, on every replica."""
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.UserRef, _empty_pb2.Empty]
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_empty_pb2.Empty, _users_pb2.WhoAmIResponse]
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListTokensRequest, _users_pb2.ListTokensResponse]
+    """Tokens minted since users existed: anyone's own; every user's, admins only."""
 
 @_typing.type_check_only
 class UsersAsyncStub(UsersStub):
@@ -57,6 +59,8 @@ class UsersAsyncStub(UsersStub):
     """Every token of a disabled user is refused at once, on every replica."""
     DeleteUser: _aio.UnaryUnaryMultiCallable[_users_pb2.UserRef, _empty_pb2.Empty]  # type: ignore[assignment]
     WhoAmI: _aio.UnaryUnaryMultiCallable[_empty_pb2.Empty, _users_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    ListTokens: _aio.UnaryUnaryMultiCallable[_users_pb2.ListTokensRequest, _users_pb2.ListTokensResponse]  # type: ignore[assignment]
+    """Tokens minted since users existed: anyone's own; every user's, admins only."""
 
 class UsersServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -109,6 +113,14 @@ class UsersServicer(metaclass=_abc_1.ABCMeta):
         request: _empty_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.WhoAmIResponse, _abc.Awaitable[_users_pb2.WhoAmIResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _users_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.ListTokensResponse, _abc.Awaitable[_users_pb2.ListTokensResponse]]:
+        """Tokens minted since users existed: anyone's own; every user's, admins only."""
 
 def add_UsersServicer_to_server(servicer: UsersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
