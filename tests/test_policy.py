@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.empty_pb2 import Empty
@@ -30,7 +32,7 @@ from test_auth import (
     path_of,
 )
 
-from waystation.auth import policy
+from waystation.auth import policy, tokens
 from waystation.core.roles import Role
 from waystation.core.settings import ServerSettings
 from waystation.core.timeouts import now_us
@@ -41,8 +43,11 @@ from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
 from waystation.protocol.waystation.v1 import admin_pb2 as admin_pb
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import users_pb2 as pu
+from waystation.protocol.waystation.v1 import users_pb2_grpc as pu_grpc
 from waystation.server.app import RunningServer, start
-from waystation.store.schema import metadata
+from waystation.store import Store
+from waystation.store.migrate import alembic_config
+from waystation.store.schema import auth_keys, metadata, server_flags
 
 SERVICES = (
     *vs.DESCRIPTOR.services_by_name.values(),
@@ -243,6 +248,15 @@ async def test_disabled_deleted_and_demoted_users_act_at_once_on_a_replica(
         assert (await list_with(address, carol))[0] == OK
     snapshot = "/waystation.v1.Admin/CreateSnapshot"
 
+    # An expired token (signed with the shared key) is refused by the replica too.
+    key_id, key = await server.store.key_signing(now_us())
+    expired = tokens.login_token("carol")
+    expired.valid_until.FromSeconds(int(time.time()) - 1)
+    assert await list_with(second.address, tokens.encode(expired, key_id, key)) == (
+        UNAUTHENTICATED,
+        tokens.EXPIRED,
+    )
+
     await server.store.user_disable("carol", now_us())
     assert await list_with(second.address, carol) == (
         UNAUTHENTICATED,
@@ -262,3 +276,30 @@ async def test_disabled_deleted_and_demoted_users_act_at_once_on_a_replica(
         "invalid authentication token: its user 'bob' does not exist",
     )
     assert (await list_with(second.address, token))[0] == OK
+
+
+async def test_a_server_upgraded_in_place_keeps_its_tokens_as_admin_vagrant(
+    settings: ServerSettings,
+) -> None:
+    """A database made before users: its tokens (upstream's user `vagrant`) keep
+    working, as an admin."""
+    key = tokens.new_key()
+    store = await asyncio.to_thread(Store.open, settings.database_url)
+
+    def made_before(conn: Any) -> None:
+        command.downgrade(alembic_config(conn), "0005")
+        conn.execute(sa.insert(server_flags).values(name="bootstrapped", set_at=1))
+        conn.execute(sa.insert(auth_keys).values(id="k1", key=key, created_at=1))
+
+    await asyncio.to_thread(store._db.run_sync, made_before)
+    await store.close()
+    old_token = tokens.encode(tokens.login_token(), "k1", key)  # as the old server minted
+    running = await start(settings)
+    try:
+        assert (await list_with(running.address, old_token))[0] == OK
+        async with aio.insecure_channel(running.address) as ch:
+            md = (("authorization", old_token),)
+            me = await pu_grpc.UsersStub(ch).WhoAmI(Empty(), metadata=md)
+        assert (me.user.name, me.user.role) == ("vagrant", "admin")
+    finally:
+        await running.stop(1)
