@@ -153,3 +153,16 @@ async def test_minted_tokens_are_listed_with_their_last_use(store: Store, reopen
         (invite.token_id, True),
     ]
     assert [e.action for e in await store.audit_list("", "", 0, 10)] == ["token.login"]
+
+
+async def test_deleting_a_user_revokes_their_recorded_tokens(store: Store) -> None:
+    """So that a user made later under the same name does not inherit them."""
+    await store.user_create("root", Role.ADMIN, now_us())
+    await store.user_create("alice", Role.MEMBER, now_us())
+    await store.token_add(TokenRow("03" * 16, "alice", "login", "", 1), None, "token.login", 1)
+    await store.token_add(TokenRow("04" * 16, "alice", "login", "", 2), None, "token.login", 2)
+    await store.token_revoke("04" * 16, 3)  # already: stays as it was
+    await store.user_delete("ALICE", None, 5)
+    await store.user_create("alice", Role.ADMIN, now_us())
+    assert await store.token_standing("03" * 16, "alice") == (True, None)
+    assert await store.token_standing("04" * 16, "alice") == (True, None)

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from waystation.core.roles import Role, user_name_problem
 from waystation.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from waystation.store.auth import _insert_if_absent
-from waystation.store.schema import revoked_tokens, users
+from waystation.store.schema import revoked_tokens, tokens, users
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,16 @@ def user_disable(conn: Connection, name: str, now: int) -> User:
     return User(user.name, user.role, user.created_at, now)
 
 
-def user_delete(conn: Connection, name: str) -> None:
+def user_delete(conn: Connection, name: str, now: int = 0) -> None:
+    """Delete a user and revoke every token recorded for them, so that a user
+    created later under the same name does not inherit them."""
     _keep_an_admin(conn, name, "delete")
     conn.execute(sa.delete(users).where(users.c.name_key == _key(name)))
+    theirs = sa.select(tokens.c.token_id, sa.literal(now, sa.BigInteger)).where(
+        tokens.c.user_key == _key(name),
+        tokens.c.token_id.not_in(sa.select(revoked_tokens.c.token_id)),
+    )
+    conn.execute(sa.insert(revoked_tokens).from_select(["token_id", "revoked_at"], theirs))
 
 
 def token_standing(conn: Connection, token_id: str, name: str) -> tuple[bool, User | None]:

@@ -118,8 +118,10 @@ class AuthVerbs(Verbs):
         )
 
     def user_delete(self, name: str, actor: Actor | None = None, now: int = 0) -> Pending[None]:
-        """Delete a user (not the last enabled admin)."""
-        return self._db.write(audited, actor, "user.delete", name, now, users_tx.user_delete, name)
+        """Delete a user (not the last enabled admin) and revoke their recorded tokens."""
+        return self._db.write(
+            audited, actor, "user.delete", name, now, users_tx.user_delete, name, now
+        )
 
     # Without an event loop: `waystation server keys` on a stopped server.
 
