@@ -33,7 +33,7 @@ from waystation.errors import FailedPrecondition, NotFound
 from waystation.ids import new_id
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import resources
-from waystation.store.lifecycle import Outcome, job_finish
+from waystation.store.lifecycle import Outcome, job_finish, job_take
 from waystation.store.prepared import Prepared
 from waystation.store.schema import bases, jobs, projects
 
@@ -190,21 +190,15 @@ def job_assign(
     `runner_id` is the id as the runner registered it, which the job keeps."""
     rid = runner_id.lower()
     for job_id, scope_key in _CANDIDATES[by_id_only].all(conn, rid=rid):
-        take = {
-            "id": job_id,
-            "rid": rid,
-            "registered": runner_id,
-            "now": now,
-            "deadline": now + ack_timeout,
-        }
+        take = (job_id, VAGRANT, rid, runner_id, now, now + ack_timeout)
         if scope_key is None:
-            row = _TAKE.one(conn, **take)
+            row = job_take(conn, *take)
         else:
             # The scope's unique index may refuse it: another replica took a job
             # of this scope just now.
             savepoint = conn.begin_nested()
             try:
-                row = _TAKE.one(conn, **take)
+                row = job_take(conn, *take)
             except sa.exc.IntegrityError:
                 savepoint.rollback()
                 continue
@@ -272,18 +266,6 @@ _CANDIDATES = {
 _ANY_CANDIDATE = {
     flag: Prepared(sa.select(jobs.c.id).where(_fits(flag)).limit(1)) for flag in (False, True)
 }
-_TAKE = Prepared(
-    sa.update(jobs)
-    .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
-    .values(
-        state=WAITING,
-        holder_key=sa.bindparam("rid"),
-        holder_id=sa.bindparam("registered"),
-        assign_time=sa.bindparam("now"),
-        ack_deadline=sa.bindparam("deadline"),
-    )
-    .returning(*jobs.c)
-)
 
 
 def _assignment(job_id: str, runner_id: str, assigned_at: int) -> sa.ColumnElement[bool]:

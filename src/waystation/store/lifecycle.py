@@ -1,9 +1,13 @@
-"""The one way a job ends, whatever its kind and however it ends.
+"""The transitions every kind of job shares: taken, and finished.
+
+A runner or a daemon takes a QUEUED job with one statement whose kind says
+what follows: a runner's job waits for its ack (WAITING, the ack deadline), a
+daemon's runs at once (RUNNING, the liveness deadline: its hang timeout).
 
 Completion, failure, cancel, expiry, the heartbeat timeout, the hang timeout
-and a broken daemon connection all come here with an Outcome: one UPDATE, a
-prepared statement (the hot path's complete is one of them), which clears
-every deadline and writes the ending's state, error and result.
+and a broken daemon connection all end a job here, with an Outcome: one
+UPDATE, which clears every deadline and writes the ending's state, error and
+result. Both are prepared statements (store.prepared): the hot path.
 """
 
 from __future__ import annotations
@@ -15,9 +19,66 @@ import sqlalchemy as sa
 from google.rpc import code_pb2, status_pb2
 from sqlalchemy.engine import Connection
 
-from waystation.core.states import ERROR, SUCCESS, Ending, cancelled_status
+from waystation.core.states import (
+    ERROR,
+    QUEUED,
+    RUNNING,
+    SUCCESS,
+    VAGRANT,
+    WAITING,
+    Ending,
+    cancelled_status,
+)
 from waystation.store.prepared import Prepared
 from waystation.store.schema import jobs, provisioner_jobs
+
+
+def job_take(
+    conn: Connection,
+    job_id: str,
+    kind: str,
+    holder_key: str,
+    holder_id: str | None,
+    now: int,
+    deadline: int,
+) -> tuple[Any, ...] | None:
+    """QUEUED -> held by `holder_key`: a runner's job WAITING for its ack by
+    `deadline`, a daemon's RUNNING with `deadline` its liveness deadline. The
+    taken row, or None if it was no longer QUEUED."""
+    acked = kind != VAGRANT  # daemons have no ack step (upstream)
+    return _TAKE.one(
+        conn,
+        id=job_id,
+        kind=kind,
+        new_state=RUNNING if acked else WAITING,
+        holder=holder_key,
+        registered=holder_id,
+        now=now,
+        acked=now if acked else None,
+        ack_deadline=None if acked else deadline,
+        liveness_deadline=deadline if acked else None,
+    )
+
+
+_TAKE = Prepared(
+    sa.update(jobs)
+    .where(
+        jobs.c.id == sa.bindparam("id"),
+        jobs.c.state == QUEUED,
+        jobs.c.kind == sa.bindparam("kind"),
+    )
+    .values(
+        state=sa.bindparam("new_state"),
+        holder_key=sa.bindparam("holder"),
+        holder_id=sa.bindparam("registered"),
+        assign_time=sa.bindparam("now"),
+        ack_time=sa.bindparam("acked"),
+        ack_deadline=sa.bindparam("ack_deadline"),
+        liveness_deadline=sa.bindparam("liveness_deadline"),
+    )
+    .returning(*jobs.c)
+)
+
 
 # Endings that count as a cancel: the job's cancel_time is set if it was not.
 _CANCELS = frozenset({Ending.CANCELLED, Ending.EXPIRED, Ending.TIMED_OUT})

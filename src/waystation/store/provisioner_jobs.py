@@ -26,7 +26,7 @@ from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import jobs as job_tx
 from waystation.store import output as output_tx
 from waystation.store.daemons import daemon_seen
-from waystation.store.lifecycle import Outcome, job_finish
+from waystation.store.lifecycle import Outcome, job_finish, job_take
 from waystation.store.prepared import Prepared
 from waystation.store.provisioner_queue import (
     KIND,
@@ -88,7 +88,7 @@ def job_acquire(
     daemon_seen(conn, daemon, now, lease)
     failed: list[str] = []
     for (job_id,) in _candidates(daemon).all(conn):
-        if not _TAKE.count(conn, id=job_id, daemon=daemon.id, now=now, deadline=now + hang):
+        if job_take(conn, job_id, KIND, daemon.id, None, now, now + hang) is None:
             continue
         job = _acquired(conn, job_id)
         size = job.ByteSize()
@@ -99,19 +99,6 @@ def job_acquire(
             continue
         return job, failed
     return None, failed
-
-
-_TAKE = Prepared(
-    sa.update(jobs)
-    .where(jobs.c.id == sa.bindparam("id"), jobs.c.state == QUEUED)
-    .values(
-        state=RUNNING,
-        holder_key=sa.bindparam("daemon"),
-        assign_time=sa.bindparam("now"),
-        ack_time=sa.bindparam("now"),
-        liveness_deadline=sa.bindparam("deadline"),
-    )
-)
 
 
 def _acquired(conn: Connection, job_id: str) -> pd.AcquiredJob:
