@@ -1,7 +1,10 @@
-"""The job engine: queueing, assignment, timers and watching, protocol-free.
+"""The job engine: queueing, assignment, timers and watching.
 
-The database decides (every transition is a transaction in
-waystation.store.jobs); this module decides *when* to ask it:
+One lifecycle for jobs of every kind (core.states: JobState, JobKind): the
+database decides (every transition is a store transaction; taking a job and
+every ending go through store.lifecycle); this module decides *when* to ask
+it. Not yet protocol-free: it still takes and gives Vagrant and provisionerd
+messages (issue #20, item 1).
 
 - Assignment: a runner waiting for work parks a Waiter. Queueing a job while
   a fitting waiter sleeps (parked, not running an assign of its own) assigns
@@ -12,8 +15,9 @@ waystation.store.jobs); this module decides *when* to ask it:
   wakes fitting waiters; waiters never poll on their own.
 - Provisioner daemons park a DaemonWaiter the same way (`acquire`); their jobs
   (store.provisioner_jobs) share the jobs table, states, cancel and timers.
-- Timers: ack, heartbeat, hang and expiry deadlines are columns; one loop
-  sleeps until the earliest and fires whatever is due, after a restart too.
+- Timers: ack, liveness (heartbeat or hang) and expiry deadlines are columns;
+  one loop sleeps until the earliest and fires everything due, of every kind,
+  in one transaction, after a restart too.
 - Watching: the Feed wakes followers of a job; OutputLogs share output.
 """
 
