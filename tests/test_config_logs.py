@@ -1,5 +1,5 @@
 """Config variables (waystation.v1.Admin ConfigSet/ConfigGet, RunnerConfig) and
-GetLogStream (DESIGN section 3; vagrant_server.proto ConfigVar, LogBatch)."""
+GetLogStream (docs/protocols.md section 3; vagrant_server.proto ConfigVar, LogBatch)."""
 
 from __future__ import annotations
 

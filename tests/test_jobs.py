@@ -1,4 +1,4 @@
-"""Jobs over gRPC: queue, assign, ack, complete, cancel, watch (DESIGN sections 2-3)."""
+"""Jobs over gRPC: queue, assign, ack, complete, cancel, watch (docs/protocols.md, sections 2-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Crash safety of the job engine: kill -9 and restart on the same database (DESIGN 2-3).
+"""Crash safety of the job engine: kill -9 and restart on the same database
+(docs/protocols.md, sections 2-3).
 
 Each test runs `waystation server run` as a child process with short timers,
 kills it (SIGKILL: no shutdown code runs) and starts it again on the same

@@ -1,4 +1,4 @@
-"""Jobs under load, and the serialization rule for Command jobs (DESIGN sections 2-3).
+"""Jobs under load, and the serialization rule for Command jobs (docs/protocols.md, sections 2-3).
 
 Many runners against many queued jobs: every job runs once and ends SUCCESS.
 Command jobs on one target never overlap, while jobs on other targets, and

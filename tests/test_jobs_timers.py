@@ -1,4 +1,4 @@
-"""Job timers over gRPC: ack timeout, heartbeat timeout, expiry (DESIGN sections 2-3).
+"""Job timers over gRPC: ack timeout, heartbeat timeout, expiry (docs/protocols.md, sections 2-3).
 
 The engine runs with short timeouts here. Tests never assert that something
 happened quickly: only that it happened within a generous deadline, and that

@@ -1,7 +1,7 @@
 """The runner agent in-process against a real server over gRPC: operations (Noop,
 Init, Docs, Auth, Validate, Command), live output, cancel, the local machine
 provider, git data sources, concurrency, burst mode, draining, heartbeats and
-reconnecting to a server that starts late or crashes (DESIGN sections 2-3).
+reconnecting to a server that starts late or crashes (docs/protocols.md, sections 2-3).
 """
 
 from __future__ import annotations

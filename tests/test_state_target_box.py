@@ -1,4 +1,4 @@
-"""Targets and boxes over gRPC, on both backends (DESIGN section 9)."""
+"""Targets and boxes over gRPC, on both backends (docs/protocols.md, section 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A second, minimal token decoder written from DESIGN section 4 alone.
+"""A second, minimal token decoder written from docs/protocols.md section 4 alone.
 
 It shares no code with `waystation.auth` (not even the base58 package or the
 protobuf runtime), so a test that decodes a minted token with it pins the wire

@@ -1,4 +1,4 @@
-"""The token format (DESIGN section 4): pure functions, no database, no gRPC.
+"""The token format (docs/protocols.md, section 4): pure functions, no database, no gRPC.
 
 Wire format, compatible with the upstream Vagrant/Waypoint server::
 

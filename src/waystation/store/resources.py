@@ -1,6 +1,6 @@
 """Bases, projects and targets: the transactions that read and write them.
 
-Upstream Vagrant semantics (DESIGN section 9): server-made ULIDs, unique names
+Upstream Vagrant semantics (docs/protocols.md, section 7): server-made ULIDs, unique names
 (ignoring case) and paths, parents that must exist, find orders, and the
 `basis.projects` / `project.targets` lists, which are rebuilt from foreign keys
 on every read so they cannot drift.
