@@ -10,7 +10,6 @@ from google.protobuf.empty_pb2 import Empty
 from google.rpc import code_pb2, status_pb2
 from grpc import aio
 
-from waystation.core.states import FINAL, HELD
 from waystation.engine.engine import JobEngine
 from waystation.engine.feed import OUTPUT_TOPIC, job_topic, output_topic, wait
 from waystation.engine.validation import check_new_job, parse_expiry
@@ -18,6 +17,10 @@ from waystation.errors import FailedPrecondition, WaystationError
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server import logstream
 from waystation.server.errors import rpc, stream_rpc
+
+# The Vagrant front end speaks the protocol's own state enum.
+_FINAL = (vs.Job.ERROR, vs.Job.SUCCESS)
+_HELD = (vs.Job.WAITING, vs.Job.RUNNING)
 
 Ctx = aio.ServicerContext[Any, Any]
 StreamResponse = vs.GetJobStreamResponse
@@ -110,7 +113,7 @@ class JobRPCs:
                             )
                         )
                         previous, canceling = job.state, now_canceling
-                    final = job.state in FINAL
+                    final = job.state in _FINAL
                     if final or looked_elsewhere:
                         await output.refresh(self.engine.store)  # rows another server wrote
                     # Batches may arrive while we yield: count each one sent.
@@ -158,7 +161,7 @@ def _missed_canceling(job: vs.Job, previous: Any, canceling: bool) -> StreamResp
     """The canceling state of a job that was cancelled while held and ended before
     this watcher looked again (two commits between two reads): clients show
     "canceling", so it is reported as it was, from the job's own timestamps."""
-    if canceling or previous not in HELD or job.state not in FINAL:
+    if canceling or previous not in _HELD or job.state not in _FINAL:
         return None
     if not job.HasField("cancel_time") or (
         job.cancel_time.ToMicroseconds() >= job.complete_time.ToMicroseconds()

@@ -11,13 +11,15 @@ from typing import Any
 from grpc import aio
 
 from waystation.auth.service import Authenticator, recheck
-from waystation.core.states import FINAL, RUNNING
 from waystation.core.wire import RESUME_EVENTS, RESUME_JOB
 from waystation.engine.engine import JobEngine, OutputAppender
 from waystation.engine.feed import CONFIG_TOPIC, job_topic, wait
 from waystation.errors import FailedPrecondition
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server.errors import rpc
+
+# The Vagrant front end speaks the protocol's own state enum.
+_FINAL = (vs.Job.ERROR, vs.Job.SUCCESS)
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +227,10 @@ class RunnerRPCs:
         (its feed) was last cleared."""
         signalled = False
         while not ending.is_set() and not detached.is_set():
-            if job.state in FINAL:  # forced: a second cancel, or the heartbeat timeout
+            if job.state in _FINAL:  # forced: a second cancel, or the heartbeat timeout
                 await context.write(Response(cancel=Response.JobCancel(force=True)))
                 return
-            if job.state == RUNNING and job.HasField("cancel_time") and not signalled:
+            if job.state == vs.Job.RUNNING and job.HasField("cancel_time") and not signalled:
                 await context.write(Response(cancel=Response.JobCancel(force=False)))
                 signalled = True
             await wait(changed, self.engine.timeouts.poll)
