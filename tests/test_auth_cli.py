@@ -8,6 +8,7 @@ never to the user's config directory.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -543,3 +544,15 @@ def test_server_keys_rotate_list_retire(
     assert re.fullmatch(stamp, keys_json[0]["retired"]) and keys_json[1]["retired"] is None
     error(cli(config, *keys, "retire", "k2", "--data-dir", str(data)), "only active key")
     error(cli(config, *keys, "retire", "k7", "--data-dir", str(data)), "no active key")
+
+    # Each change is in the audit log, by the OS user who ran it (no token, no peer);
+    # the refused retirements are not.
+    admin = ("--address", address, "--token", fresh)
+    events = json.loads(ok(config, *admin, "audit", "list", "--action", "key.", "--json"))
+    assert [(e["action"], e["object"]) for e in events] == [
+        ("key.retire", "k1"),
+        ("key.rotate", "k2"),
+    ]
+    local = f"local:{getpass.getuser()}"
+    assert {(e["user"], e["outcome"]) for e in events} == {(local, "ok")}
+    assert not any("token_id" in e or "peer" in e for e in events)  # empty: left out

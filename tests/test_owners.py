@@ -6,21 +6,34 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf.empty_pb2 import Empty
 from grpc import aio
-from test_auth import PERMISSION_DENIED
+from test_auth import PERMISSION_DENIED, token_id
 from test_policy import mint
 
 from waystation.client import Connection
-from waystation.core.roles import Role
+from waystation.core.roles import BOOTSTRAP_USER, Role
 from waystation.core.timeouts import now_us
+from waystation.protocol import vagrant_server_pb2 as vs
+from waystation.protocol import vagrant_server_pb2_grpc as vs_grpc
 from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.protocol.waystation.v1 import provisioning_pb2_grpc as pv_grpc
+from waystation.protocol.waystation.v1 import users_pb2 as pu
+from waystation.protocol.waystation.v1 import users_pb2_grpc as pu_grpc
 from waystation.server.app import RunningServer
-from waystation.testing import echo_template, push_request, running_daemon, wait_provisioner_job
+from waystation.testing import (
+    echo_template,
+    noop_job,
+    push_request,
+    running_daemon,
+    wait_provisioner_job,
+)
 
 Job = pv.ProvisionerJob
+ADMIN = BOOTSTRAP_USER  # the fixture's token is the bootstrap token
 
 
 async def refused(call: Awaitable[Any], fragment: str) -> None:
@@ -83,3 +96,48 @@ async def test_a_member_acts_on_their_own_workspaces_only(
         )
         assert built.workspace.owner == "alice"
         assert (await bob.GetQuota(pv.GetQuotaRequest())).user == "bob"
+
+        # The audit log has each change, by whom; none of bob's refusals.
+        audit = pu_grpc.AuditStub(admin_ch)
+        listed = await audit.ListAuditEvents(pu.ListAuditEventsRequest())
+        events = [e for e in listed.events if e.user in ("alice", "bob") or "workspace" in e.action]
+        assert [(e.user, e.action) for e in reversed(events)] == [
+            ("alice", "template.push"),
+            ("alice", "workspace.create"),
+            ("alice", "provisioner_job.cancel"),
+            (ADMIN, "workspace.stop"),
+        ]
+        alice_id = token_id(alice_token)
+        assert [e.token_id for e in events[1:]] == [alice_id] * 3
+        assert events[0].token_id == token_id(token)
+        assert {e.outcome for e in events} == {"ok"}
+        assert all(e.peer.startswith("ipv") for e in events)
+        assert events[3].object == f"held@{pushed.version.name} job {pushed.version.job_id}"
+        assert events[2].object.startswith("alice/ws build 1 job ")
+        assert events[1].object.startswith(f"{cancel.id} (")
+        assert events[0].object.startswith("alice/ws build 2 job ")
+
+
+async def test_vagrant_cancels_and_prunes_are_audited(server: RunningServer, token: str) -> None:
+    await server.store.user_create("alice", Role.MEMBER, now_us())
+    alice_token = await mint(server, token, "alice")
+    async with (
+        Connection(server.address, token).aio_channel() as admin_ch,
+        Connection(server.address, alice_token).aio_channel() as alice_ch,
+    ):
+        alice = vs_grpc.VagrantStub(alice_ch)
+        job_id = (await alice.QueueJob(vs.QueueJobRequest(job=noop_job()))).job_id
+        await alice.CancelJob(vs.CancelJobRequest(job_id=job_id))
+        await alice.CancelJob(vs.CancelJobRequest(job_id=job_id))  # finished: no change
+        with pytest.raises(aio.AioRpcError) as unknown:
+            await alice.CancelJob(vs.CancelJobRequest(job_id="nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        await refused(alice.PruneOldJobs(Empty()), "needs the admin role")
+        await vs_grpc.VagrantStub(admin_ch).PruneOldJobs(Empty())
+
+        audit = pu_grpc.AuditStub(admin_ch)
+        listed = await audit.ListAuditEvents(pu.ListAuditEventsRequest(action="job.cancel"))
+        assert [(e.user, e.object) for e in listed.events] == [("alice", f"{job_id} (ended)")]
+        listed = await audit.ListAuditEvents(pu.ListAuditEventsRequest(action="jobs.prune"))
+        assert [(e.user, e.token_id) for e in listed.events] == [(ADMIN, token_id(token))]
+        assert listed.events[0].peer.startswith("ipv")

@@ -88,6 +88,27 @@ def test_the_audit_log_says_who_did_what(
     error(cli(root, *runner, "audit", "list"), "needs the admin role")
 
 
+def test_a_member_cannot_create_a_workspace_for_another_owner(
+    tmp_path: Path, servers: Callable[[t.ServerProcess], str]
+) -> None:
+    """The CLI forwards `--owner`; the server refuses a member acting as another."""
+    address = servers(FreshServer(tmp_path / "data", auth=True))
+    root = tmp_path / "root.json"
+    ok(root, "--address", address, "login", "--user", "root")
+    ok(root, "user", "create", "alice")
+    alice = ("--address", address, "--token", ok(root, "token", "login", "--user", "alice").strip())
+    refused = cli(
+        root, *alice, "workspace", "create", "box", "--template", "dev", "--owner", "root"
+    )
+    error(
+        refused,
+        "acting as another owner (root) needs the admin role; your token's user alice is a member",
+        "PERMISSION_DENIED",
+    )
+    assert json.loads(ok(root, "workspace", "list", "--json")) == []
+    assert json.loads(ok(root, "audit", "list", "--action", "workspace.", "--json")) == []
+
+
 def test_tokens_per_user_ttl_labels_and_invites_with_roles(
     tmp_path: Path, servers: Callable[[t.ServerProcess], str]
 ) -> None:

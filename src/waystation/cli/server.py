@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from rich.text import Text
 
 from waystation.cli.output import configure_logging, err, print_table
 from waystation.cli.server_config import ConfigError, Setting, resolve, shown
+from waystation.core.roles import Actor
 from waystation.core.settings import DEFAULT_LISTEN, ServerSettings, default_data_dir, is_loopback
 from waystation.core.timeouts import Timeouts, now_us
 from waystation.durations import DurationError, parse_go_duration
@@ -350,10 +352,22 @@ def _store_write(data_dir: Path | None, db: str, verb: Callable[[Any], T]) -> T:
         asyncio.run(store.close())
 
 
+def _local_actor() -> Actor:
+    """Who runs `server keys` in the audit log: `local:<OS user>` (no token, no peer)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = str(os.getuid())
+    return Actor(f"local:{user}")
+
+
 @keys_app.command("rotate")
 def keys_rotate(data_dir: DataDir = None, db: Db = "") -> None:
     """Add a signing key; tokens signed by older keys keep working until retired."""
-    key_id = _store_write(data_dir, db, lambda store: store.key_rotate_now(now_us()))
+    actor = _local_actor()
+    key_id = _store_write(data_dir, db, lambda store: store.key_rotate_now(now_us(), actor))
     typer.echo(f"new signing key {key_id}")
 
 
@@ -363,7 +377,8 @@ def keys_retire(key_id: str, data_dir: DataDir = None, db: Db = "") -> None:
     from waystation.errors import WaystationError
 
     try:
-        _store_write(data_dir, db, lambda store: store.key_retire_now(key_id, now_us()))
+        actor = _local_actor()
+        _store_write(data_dir, db, lambda store: store.key_retire_now(key_id, now_us(), actor))
     except WaystationError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(1) from None

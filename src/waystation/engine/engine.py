@@ -33,6 +33,7 @@ from typing import Any
 
 from google.rpc import status_pb2
 
+from waystation.core.roles import Actor
 from waystation.core.states import SERIALIZED_OPERATIONS
 from waystation.core.timeouts import Timeouts, now_us, to_us
 from waystation.engine.feed import CONFIG_TOPIC, OUTPUT_TOPIC, Feed, job_topic, output_topic, wait
@@ -167,8 +168,11 @@ class JobEngine:
         else:  # its stream went away while the transaction committed
             self._spawn(self.nack(job, waiter.runner_id))
 
-    async def cancel(self, job_id: str, kind: str = job_tx.VAGRANT) -> job_tx.CancelOutcome:
-        outcome = await self.store.job_cancel(job_id, now_us(), kind)
+    async def cancel(
+        self, job_id: str, kind: str = job_tx.VAGRANT, actor: Actor | None = None
+    ) -> job_tx.CancelOutcome:
+        """Cancel a job; `actor` (the caller, None with auth off) is audited with it."""
+        outcome = await self.store.job_cancel(job_id, now_us(), kind, actor)
         if outcome is not job_tx.CancelOutcome.NOTHING:
             self.feed.publish(job_topic(job_id))
         if outcome is job_tx.CancelOutcome.FORCED:
@@ -181,8 +185,8 @@ class JobEngine:
     async def list(self) -> list[vs.Job]:
         return await self.store.job_list()
 
-    async def prune(self, keep: int) -> int:
-        return await self.store.jobs_prune(keep)
+    async def prune(self, keep: int, actor: Actor | None = None) -> int:
+        return await self.store.jobs_prune(keep, actor, now_us())
 
     async def assignable(self, job: vs.Job) -> bool:
         runner = job.target_runner.id.id if job.target_runner.HasField("id") else None
@@ -356,26 +360,28 @@ class JobEngine:
     # that fits it, here (one forgotten wake-up would leave the job to the poll).
 
     async def template_push(
-        self, request: pv.PushTemplateRequest, archive_hash: str
+        self, request: pv.PushTemplateRequest, archive_hash: str, actor: Actor | None = None
     ) -> tuple[pv.Template, pv.TemplateVersion]:
         """A new template version; its import job is queued and a daemon woken."""
-        template, version, queued = await self.store.template_push(request, archive_hash, now_us())
+        template, version, queued = await self.store.template_push(
+            request, archive_hash, now_us(), actor
+        )
         self._provisioner_queued(queued)
         return template, version
 
     async def workspace_create(
-        self, request: pv.CreateWorkspaceRequest
+        self, request: pv.CreateWorkspaceRequest, actor: Actor | None = None
     ) -> tuple[pv.Workspace, pv.WorkspaceBuild]:
         """A new workspace; its first build is queued and a daemon woken."""
-        workspace, build, queued = await self.store.workspace_create(request, now_us())
+        workspace, build, queued = await self.store.workspace_create(request, now_us(), actor)
         self._provisioner_queued(queued)
         return workspace, build
 
     async def workspace_build(
-        self, request: pv.BuildWorkspaceRequest
+        self, request: pv.BuildWorkspaceRequest, actor: Actor | None = None
     ) -> tuple[pv.Workspace, pv.WorkspaceBuild]:
         """A build of a workspace, queued, and a daemon woken."""
-        workspace, build, queued = await self.store.workspace_build(request, now_us())
+        workspace, build, queued = await self.store.workspace_build(request, now_us(), actor)
         self._provisioner_queued(queued)
         return workspace, build
 

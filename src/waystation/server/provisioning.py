@@ -39,7 +39,7 @@ class ProvisioningService:
         self, request: pv.PushTemplateRequest, context: Ctx
     ) -> pv.PushTemplateResponse:
         digest = archive.check(request.archive)
-        template, version = await self.engine.template_push(request, digest)
+        template, version = await self.engine.template_push(request, digest, current_actor(context))
         return pv.PushTemplateResponse(template=template, version=version)
 
     @rpc
@@ -69,7 +69,7 @@ class ProvisioningService:
         self, request: pv.CreateWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
         request.owner = _owner(context, request.owner)
-        workspace, build = await self.engine.workspace_create(request)
+        workspace, build = await self.engine.workspace_create(request, current_actor(context))
         return pv.BuildResponse(workspace=workspace, build=build)
 
     @rpc
@@ -77,7 +77,7 @@ class ProvisioningService:
         self, request: pv.BuildWorkspaceRequest, context: Ctx
     ) -> pv.BuildResponse:
         await self._may_act_on(context, request.workspace)
-        workspace, build = await self.engine.workspace_build(request)
+        workspace, build = await self.engine.workspace_build(request, current_actor(context))
         return pv.BuildResponse(workspace=workspace, build=build)
 
     @rpc
@@ -140,7 +140,7 @@ class ProvisioningService:
             # A workspace build is its owner's to cancel; other jobs anyone's.
             if job.type == Job.WORKSPACE_BUILD:
                 _refuse(owner_refusal(caller, job.owner, f"job {job.id} (a workspace build)"))
-        await self.engine.cancel(request.id, pq.KIND)
+        await self.engine.cancel(request.id, pq.KIND, current_actor(context))
         return await self._job(request.id)
 
     async def _may_act_on(self, context: Ctx, ref: pv.WorkspaceRef) -> None:

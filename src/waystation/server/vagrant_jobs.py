@@ -17,6 +17,7 @@ from waystation.errors import FailedPrecondition, WaystationError
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.server import logstream
 from waystation.server.errors import rpc, stream_rpc
+from waystation.server.principal import current_actor
 
 # The Vagrant front end speaks the protocol's own state enum.
 _FINAL = (vs.Job.ERROR, vs.Job.SUCCESS)
@@ -66,12 +67,12 @@ class JobRPCs:
     async def CancelJob(self, request: vs.CancelJobRequest, context: Ctx) -> Empty:
         if not request.job_id:
             raise FailedPrecondition("job_id is required")
-        await self.engine.cancel(request.job_id)
+        await self.engine.cancel(request.job_id, actor=current_actor(context))
         return Empty()
 
     @rpc
     async def PruneOldJobs(self, request: Empty, context: Ctx) -> Empty:
-        await self.engine.prune(self.engine.timeouts.prune_rpc_keep)
+        await self.engine.prune(self.engine.timeouts.prune_rpc_keep, current_actor(context))
         return Empty()
 
     @stream_rpc

@@ -62,6 +62,24 @@ def audited(
     return result
 
 
+def audited_as(
+    conn: Connection,
+    actor: Actor | None,
+    describe: Callable[[T], tuple[str, str] | None],
+    now: int,
+    change: Callable[..., T],
+    *args: Any,
+) -> T:
+    """As `audited`, the action and object named by `describe(result)` (None: no change
+    was made, nothing to record: a cancel of a job already finished)."""
+    result = change(conn, *args)
+    if actor is not None:
+        described = describe(result)
+        if described is not None:
+            record(conn, actor, described[0], described[1], now)
+    return result
+
+
 def audit_list(
     conn: Connection, user: str, action: str, since: int, limit: int
 ) -> list[AuditEntry]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from sqlalchemy.engine import Connection
+
 from waystation.core.roles import BOOTSTRAP_USER, Actor, Role
 from waystation.store import auth as auth_tx
 from waystation.store import tokens as tokens_tx
 from waystation.store import users as users_tx
-from waystation.store.audit import audited
+from waystation.store.audit import audited, audited_as
 from waystation.store.tokens import TokenRow
 from waystation.store.users import User
 from waystation.store.verbs.base import Pending, Verbs
@@ -21,13 +23,15 @@ class AuthVerbs(Verbs):
         """Every key a token may be signed with: id -> key."""
         return self._db.read(auth_tx.active_keys)
 
-    def key_rotate(self, now: int) -> Pending[str]:
-        """A new signing key; the id."""
-        return self._db.write(auth_tx.keys_rotate, now)
+    def key_rotate(self, now: int, actor: Actor | None = None) -> Pending[str]:
+        """A new signing key; the id (audited if `actor` is given)."""
+        return self._db.write(_key_rotate, actor, now)
 
-    def key_retire(self, key_id: str, now: int) -> Pending[None]:
+    def key_retire(self, key_id: str, now: int, actor: Actor | None = None) -> Pending[None]:
         """Retire a key: tokens it signed stop working (FailedPrecondition for the last)."""
-        return self._db.write(auth_tx.keys_retire, key_id, now)
+        return self._db.write(
+            audited, actor, "key.retire", key_id, now, auth_tx.keys_retire, key_id, now
+        )
 
     def keys_list(self) -> Pending[list[tuple[str, int, int | None]]]:
         """(id, created, retired) of every key."""
@@ -125,14 +129,25 @@ class AuthVerbs(Verbs):
 
     # Without an event loop: `waystation server keys` on a stopped server.
 
-    def key_rotate_now(self, now: int) -> str:
+    def key_rotate_now(self, now: int, actor: Actor | None = None) -> str:
         """key_rotate, blocking."""
-        return self._db.run_sync(lambda conn: auth_tx.keys_rotate(conn, now))
+        return self._db.run_sync(lambda conn: _key_rotate(conn, actor, now))
 
-    def key_retire_now(self, key_id: str, now: int) -> None:
+    def key_retire_now(self, key_id: str, now: int, actor: Actor | None = None) -> None:
         """key_retire, blocking."""
-        self._db.run_sync(lambda conn: auth_tx.keys_retire(conn, key_id, now))
+        self._db.run_sync(
+            lambda conn: audited(
+                conn, actor, "key.retire", key_id, now, auth_tx.keys_retire, key_id, now
+            )
+        )
 
     def keys_list_now(self) -> list[tuple[str, int, int | None]]:
         """keys_list, blocking."""
         return self._db.run_sync(auth_tx.keys_list)
+
+
+def _key_rotate(conn: Connection, actor: Actor | None, now: int) -> str:
+    """A new signing key, audited as `key.rotate` with its id."""
+    return audited_as(
+        conn, actor, lambda key_id: ("key.rotate", key_id), now, auth_tx.keys_rotate, now
+    )

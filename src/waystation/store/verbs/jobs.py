@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from google.rpc import status_pb2
 
+from waystation.core.roles import Actor
 from waystation.protocol import vagrant_server_pb2 as vs
 from waystation.store import job_timers as timer_tx
 from waystation.store import jobs as job_tx
 from waystation.store import output as output_tx
+from waystation.store.audit import audited, audited_as
 from waystation.store.verbs.base import Pending, Verbs
 
 
@@ -75,10 +77,19 @@ class JobVerbs(Verbs):
         return self._db.write(job_tx.job_complete, job_id, runner_id, now, result, error)
 
     def job_cancel(
-        self, job_id: str, now: int, kind: str = job_tx.VAGRANT
+        self, job_id: str, now: int, kind: str = job_tx.VAGRANT, actor: Actor | None = None
     ) -> Pending[job_tx.CancelOutcome]:
-        """Cancel a job (a second cancel of a running one forces it)."""
-        return self._db.write(job_tx.job_cancel, job_id, now, kind)
+        """Cancel a job (a second cancel of a running one forces it), audited if it was live."""
+        action = "job.cancel" if kind == job_tx.VAGRANT else "provisioner_job.cancel"
+
+        def describe(outcome: job_tx.CancelOutcome) -> tuple[str, str] | None:
+            if outcome is job_tx.CancelOutcome.NOTHING:  # already finished: no change
+                return None
+            return action, f"{job_id} ({outcome.value})"
+
+        return self._db.write(
+            audited_as, actor, describe, now, job_tx.job_cancel, job_id, now, kind
+        )
 
     # -- reading ---------------------------------------------------------------
 
@@ -112,9 +123,12 @@ class JobVerbs(Verbs):
         """The earliest armed deadline (microseconds), or None."""
         return self._db.read(timer_tx.jobs_next_deadline)
 
-    def jobs_prune(self, keep: int) -> Pending[int]:
-        """Delete all but the newest `keep` finished runner jobs; how many went."""
-        return self._db.write_bulk(timer_tx.jobs_prune, keep)
+    def jobs_prune(self, keep: int, actor: Actor | None = None, now: int = 0) -> Pending[int]:
+        """Delete all but the newest `keep` finished runner jobs; how many went (audited)."""
+        obj = f"finished runner jobs but the newest {keep}"
+        return self._db.write_bulk(
+            audited, actor, "jobs.prune", obj, now, timer_tx.jobs_prune, keep
+        )
 
     # -- output ----------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from waystation.core.roles import Actor
 from waystation.protocol.provisionerd.proto import provisionerd_pb2 as pd
+from waystation.protocol.provisionersdk.proto import provisioner_pb2 as sdk
 from waystation.protocol.waystation.v1 import provisioning_pb2 as pv
 from waystation.store import daemons as daemon_tx
 from waystation.store import provisioner_jobs as pjob_tx
@@ -13,17 +14,30 @@ from waystation.store import provisioner_views as pview_tx
 from waystation.store import quotas as quota_tx
 from waystation.store import templates as template_tx
 from waystation.store import workspaces as workspace_tx
-from waystation.store.audit import audited
+from waystation.store.audit import audited, audited_as
 from waystation.store.provisioner_queue import Daemon, Queued
 from waystation.store.verbs.base import Pending, Verbs
 
 
 class TemplateVerbs(Verbs):
     def template_push(
-        self, request: pv.PushTemplateRequest, archive_hash: str, now: int
+        self,
+        request: pv.PushTemplateRequest,
+        archive_hash: str,
+        now: int,
+        actor: Actor | None = None,
     ) -> Pending[tuple[pv.Template, pv.TemplateVersion, Queued]]:
-        """A new version of a template (created if new), its import job queued."""
-        return self._db.write(template_tx.template_push, request, archive_hash, now)
+        """A new version of a template (created if new), its import job queued; audited."""
+        return self._db.write(
+            audited_as,
+            actor,
+            _pushed,
+            now,
+            template_tx.template_push,
+            request,
+            archive_hash,
+            now,
+        )
 
     def template_list(self) -> Pending[list[pv.Template]]:
         """Every template."""
@@ -48,16 +62,33 @@ class TemplateVerbs(Verbs):
 
 class WorkspaceVerbs(Verbs):
     def workspace_create(
-        self, request: pv.CreateWorkspaceRequest, now: int
+        self, request: pv.CreateWorkspaceRequest, now: int, actor: Actor | None = None
     ) -> Pending[tuple[pv.Workspace, pv.WorkspaceBuild, Queued]]:
-        """A new workspace and its first (START) build, queued."""
-        return self._db.write(workspace_tx.workspace_create, request, now)
+        """A new workspace and its first (START) build, queued; audited."""
+        return self._db.write(
+            audited_as,
+            actor,
+            _built("workspace.create"),
+            now,
+            workspace_tx.workspace_create,
+            request,
+            now,
+        )
 
     def workspace_build(
-        self, request: pv.BuildWorkspaceRequest, now: int
+        self, request: pv.BuildWorkspaceRequest, now: int, actor: Actor | None = None
     ) -> Pending[tuple[pv.Workspace, pv.WorkspaceBuild, Queued]]:
-        """A build of a workspace (START, STOP, DESTROY), queued."""
-        return self._db.write(workspace_tx.workspace_build, request, now)
+        """A build of a workspace (START, STOP, DESTROY), queued; audited by its transition."""
+        action = "workspace." + _TRANSITIONS.get(request.transition, "build")
+        return self._db.write(
+            audited_as,
+            actor,
+            _built(action),
+            now,
+            workspace_tx.workspace_build,
+            request,
+            now,
+        )
 
     def workspace_list(self, owner: str, include_deleted: bool) -> Pending[list[pv.Workspace]]:
         """Workspaces with their latest builds (off the event loop: maybe many)."""
@@ -143,3 +174,25 @@ class ProvisionerJobVerbs(Verbs):
     def provisioner_jobs_queued_kinds(self) -> Pending[list[tuple[str, dict[str, str]]]]:
         """(provisioner, tags) of the queued provisioner jobs, for waking daemons."""
         return self._db.read(pview_tx.jobs_queued_kinds)
+
+
+# How the audit log names a workspace build: `workspace.start|stop|delete`.
+_TRANSITIONS = {sdk.START: "start", sdk.STOP: "stop", sdk.DESTROY: "delete"}
+
+Built = tuple[pv.Workspace, pv.WorkspaceBuild, Queued]
+
+
+def _built(action: str) -> Callable[[Built], tuple[str, str]]:
+    """The audit row of a workspace build: `owner/name`, build number and job."""
+
+    def describe(result: Built) -> tuple[str, str]:
+        workspace, build, _ = result
+        where = f"{workspace.owner}/{workspace.name} build {build.build_number} job {build.job_id}"
+        return action, where
+
+    return describe
+
+
+def _pushed(result: tuple[pv.Template, pv.TemplateVersion, Queued]) -> tuple[str, str]:
+    template, version, _ = result
+    return "template.push", f"{template.name}@{version.name} job {version.job_id}"
